@@ -1,0 +1,237 @@
+//! The command line: `get`, `inspect`, `pull`. Parses with argh, runs the
+//! library, and turns the outcome into one stderr line and an exit code
+//! (0 success, 1 failure, 2 usage, 128+N after signal N).
+
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+use crate::error::{Error, Result};
+use crate::inspect::Report;
+use crate::manifest::disk_plan;
+use crate::output::Output;
+use crate::progress::Progress;
+use crate::pull::{ExecCocoon, Puller};
+use crate::reference::Reference;
+use crate::sink::Sink;
+use crate::stream::{self, Options};
+use crate::{signals, source};
+
+#[derive(FromArgs, Debug)]
+#[argh(
+    description = "Stream an OCI-packaged cloud image (a VM disk, often split into parts) out of an \
+OCI image layout, verified, into a file, a pipe, or `cocoon image import` — with the kernel doing \
+the copying.",
+    note = "SOURCE is oci:DIR[:TAG] or oci:DIR@sha256:HEX (an OCI image layout; the tag is what \
+follows the last colon unless it holds a '/', so spell the tag out when DIR has a colon: \
+oci:/srv/a:b:latest).\n\
+Environment: EPOCH_COCOON_BINARY (cocoon for `pull`, default `cocoon` on PATH), \
+CLOUDIMG_IO=readwrite (force the portable read/write path).\n\
+Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
+130/143 after SIGINT/SIGTERM.",
+    example = "{command_name} inspect oci:./win11:25h2\n\
+{command_name} get oci:./win11:25h2 -o win11.qcow2\n\
+{command_name} get oci:./win11:25h2 | qemu-img convert -f qcow2 -O raw /dev/stdin disk.raw\n\
+{command_name} pull oci:./win11:25h2 --name win11"
+)]
+struct Cli {
+    #[argh(subcommand)]
+    command: Command,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Command {
+    Get(GetArgs),
+    Inspect(InspectArgs),
+    Pull(PullArgs),
+}
+
+/// write the assembled disk to stdout, or to FILE with -o
+#[derive(FromArgs, Debug)]
+#[argh(
+    subcommand,
+    name = "get",
+    note = "Every disk layer is checked for its exact size and digest; on a mismatch the command \
+exits 1 naming the layer. With -o FILE the disk is written beside FILE under a temporary name and \
+renamed only when complete and verified (a block device is written in place). Refuses to write \
+to a terminal."
+)]
+struct GetArgs {
+    /// the image: oci:DIR[:TAG] or oci:DIR@sha256:HEX
+    #[argh(positional)]
+    source: String,
+    /// write to FILE instead of stdout
+    #[argh(option, short = 'o')]
+    output: Option<PathBuf>,
+    /// skip digest checks (sizes are still enforced)
+    #[argh(switch)]
+    no_verify: bool,
+    /// no progress, no summary line
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+}
+
+/// show an image's manifest, kind and disk plan
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "inspect")]
+struct InspectArgs {
+    /// the image: oci:DIR[:TAG] or oci:DIR@sha256:HEX
+    #[argh(positional)]
+    source: String,
+    /// print JSON instead of text
+    #[argh(switch)]
+    json: bool,
+}
+
+/// stream the disk into `cocoon image import NAME`
+#[derive(FromArgs, Debug)]
+#[argh(
+    subcommand,
+    name = "pull",
+    note = "cocoon commits an import when its stdin ends cleanly, so on any failure (read error, \
+size or digest mismatch, SIGINT/SIGTERM) cocoon's process group is killed before its stdin is \
+closed: a broken or unverified image is never committed."
+)]
+struct PullArgs {
+    /// the image: oci:DIR[:TAG] or oci:DIR@sha256:HEX
+    #[argh(positional)]
+    source: String,
+    /// the local image name (default: the repository's last path component, or DIR's base name)
+    #[argh(option)]
+    name: Option<String>,
+    /// skip digest checks (sizes are still enforced)
+    #[argh(switch)]
+    no_verify: bool,
+    /// no progress, no summary line
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+}
+
+/// Run the command line `args` (without the program name); returns the exit code.
+pub fn run(program: &str, args: &[String]) -> i32 {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cli = match Cli::from_args(&[program], &args) {
+        Ok(cli) => cli,
+        Err(early) => {
+            return match early.status {
+                Ok(()) => {
+                    let _ = writeln!(std::io::stdout(), "{}", early.output);
+                    0
+                }
+                Err(()) => {
+                    let _ = writeln!(std::io::stderr(), "{}", early.output.trim_end());
+                    2
+                }
+            };
+        }
+    };
+    signals::install();
+    let outcome = match cli.command {
+        Command::Get(a) => get(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Pull(a) => pull(a),
+    };
+    match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "cloudimg: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn options(no_verify: bool) -> Options {
+    Options {
+        verify: !no_verify,
+        ..Options::default()
+    }
+}
+
+fn summary(verified: bool) -> &'static str {
+    if verified {
+        "wrote (verified)"
+    } else {
+        "wrote (digests NOT verified)"
+    }
+}
+
+fn get(a: GetArgs) -> Result<()> {
+    let stdout = std::io::stdout();
+    if a.output.is_none() && stdout.is_terminal() {
+        return Err(Error::Other(
+            "refusing to write a disk image to a terminal; use -o FILE or redirect stdout".into(),
+        ));
+    }
+    let reference = Reference::parse(&a.source)?;
+    let source = source::open(&reference)?;
+    let resolved = source.resolve()?;
+    let plan = disk_plan(&resolved.manifest)?;
+    let opts = options(a.no_verify);
+    let mut progress = Progress::new(plan.total, a.quiet);
+    let result = match &a.output {
+        Some(path) => Output::open(path).and_then(|out| {
+            let sink = Sink::new(out.file().as_fd())?;
+            stream::stream_plan(&plan, &*source, &sink, &opts, &mut progress)?;
+            out.commit()
+        }),
+        None => {
+            let sink = Sink::new(stdout.as_fd())?;
+            stream::stream_plan(&plan, &*source, &sink, &opts, &mut progress)
+        }
+    };
+    match result {
+        Ok(()) => {
+            progress.finish(summary(opts.verify));
+            Ok(())
+        }
+        Err(e) => {
+            progress.abandon();
+            Err(e)
+        }
+    }
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let reference = Reference::parse(&a.source)?;
+    let source = source::open(&reference)?;
+    let report = Report::new(&source.resolve()?);
+    let text = if a.json {
+        report.to_json() + "\n"
+    } else {
+        report.to_text()
+    };
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::io("writing the report", e))
+}
+
+fn pull(a: PullArgs) -> Result<()> {
+    let reference = Reference::parse(&a.source)?;
+    let name = a.name.unwrap_or_else(|| reference.default_name());
+    if name.is_empty() || name.starts_with('-') || name.chars().any(char::is_control) {
+        return Err(Error::Other(format!(
+            "{name:?} is not a usable image name (empty, control characters or a leading '-')"
+        )));
+    }
+    let source = source::open(&reference)?;
+    let cocoon = ExecCocoon::from_env();
+    let opts = options(a.no_verify);
+    let mut progress = Progress::new(0, a.quiet);
+    let puller = Puller {
+        source: &*source,
+        cocoon: &cocoon,
+    };
+    match puller.pull(&name, &opts, &mut progress) {
+        Ok(_) => {
+            progress.finish(&format!("imported {name:?}:"));
+            Ok(())
+        }
+        Err(e) => {
+            progress.abandon();
+            Err(e)
+        }
+    }
+}

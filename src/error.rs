@@ -1,0 +1,91 @@
+//! The one error type of the library.
+//!
+//! Every variant renders as a single line that names what went wrong and
+//! where, because the binary prints exactly one `cloudimg: …` line per failure.
+
+use std::fmt;
+use std::io;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while resolving, streaming or importing an image.
+#[derive(Debug)]
+pub enum Error {
+    /// A SOURCE string that does not parse.
+    Reference(String),
+    /// A digest string that is not `sha256:` + 64 hex or `sha512:` + 128 hex.
+    Digest(String),
+    /// A manifest or index that cannot be used (malformed, oversized, wrong kind…).
+    Manifest(String),
+    /// Something requested that the source does not hold (tag, blob, manifest).
+    NotFound(String),
+    /// A blob whose bytes are not what its descriptor promises.
+    Integrity(String),
+    /// The consumer stopped reading (EPIPE).
+    BrokenPipe(String),
+    /// The run was stopped by a signal; the number is the signal.
+    Interrupted(i32),
+    /// The `cocoon image import` child failed.
+    Child(String),
+    /// An operating-system error, with what we were doing at the time.
+    Io { context: String, source: io::Error },
+    /// Anything else worth one clear line (bad option combination, terminal output…).
+    Other(String),
+}
+
+impl Error {
+    /// An I/O error annotated with what was being attempted.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        if source.kind() == io::ErrorKind::BrokenPipe {
+            return Error::BrokenPipe(context.into());
+        }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The process exit status a script sees for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Interrupted(sig) => 128 + sig,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Reference(m) => write!(f, "bad source reference: {m}"),
+            Error::Digest(m) => write!(f, "bad digest: {m}"),
+            Error::Manifest(m) => write!(f, "{m}"),
+            Error::NotFound(m) => write!(f, "not found: {m}"),
+            Error::Integrity(m) => write!(f, "{m}"),
+            Error::BrokenPipe(m) => write!(f, "{m}: output closed by the reader (broken pipe)"),
+            Error::Interrupted(sig) => write!(f, "interrupted by {}", signal_name(*sig)),
+            Error::Child(m) => write!(f, "{m}"),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Other(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        1 => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
+}

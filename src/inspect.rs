@@ -1,0 +1,129 @@
+//! `inspect`: what a source holds, as text for people or JSON for scripts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::digest::Digest;
+use crate::manifest::{DiskPlan, Kind, disk_plan};
+use crate::source::Resolved;
+
+/// Everything `inspect` shows about one resolved manifest.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub reference: String,
+    pub digest: Digest,
+    pub media_type: Option<String>,
+    pub artifact_type: Option<String>,
+    pub kind: Kind,
+    pub annotations: BTreeMap<String, String>,
+    /// The disk plan, when the manifest is a usable cloud image.
+    pub plan: Option<DiskPlan>,
+    /// Why there is no plan, otherwise.
+    pub plan_error: Option<String>,
+}
+
+impl Report {
+    pub fn new(resolved: &Resolved) -> Report {
+        let m = &resolved.manifest;
+        let (plan, plan_error) = match disk_plan(m) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Report {
+            reference: resolved.reference.clone(),
+            digest: resolved.digest.clone(),
+            media_type: m.media_type.clone(),
+            artifact_type: m.artifact_type.clone(),
+            kind: m.kind(),
+            annotations: m.annotations.clone(),
+            plan,
+            plan_error,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serializes")
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let none = "-";
+        let _ = writeln!(s, "reference:      {}", self.reference);
+        let _ = writeln!(s, "digest:         {}", self.digest);
+        let _ = writeln!(
+            s,
+            "media type:     {}",
+            self.media_type.as_deref().unwrap_or(none)
+        );
+        let _ = writeln!(
+            s,
+            "artifact type:  {}",
+            self.artifact_type.as_deref().unwrap_or(none)
+        );
+        let _ = writeln!(s, "kind:           {}", self.kind);
+        if !self.annotations.is_empty() {
+            let _ = writeln!(s, "annotations:");
+            for (k, v) in &self.annotations {
+                let _ = writeln!(s, "  {k} = {v}");
+            }
+        }
+        match (&self.plan, &self.plan_error) {
+            (Some(plan), _) => {
+                let _ = writeln!(
+                    s,
+                    "disk:           {}, {} layer(s), {} bytes ({})",
+                    plan.format,
+                    plan.layers.len(),
+                    plan.total,
+                    human(plan.total)
+                );
+                for (i, l) in plan.layers.iter().enumerate() {
+                    let title = if l.title.is_empty() {
+                        "(no title)"
+                    } else {
+                        &l.title
+                    };
+                    let _ = writeln!(
+                        s,
+                        "  {i:>3}  {title}  {}  {} bytes  {}",
+                        l.media_type, l.size, l.digest
+                    );
+                }
+                if !plan.skipped.is_empty() {
+                    let _ = writeln!(s, "skipped:");
+                    for l in &plan.skipped {
+                        let title = if l.title.is_empty() {
+                            "(no title)"
+                        } else {
+                            &l.title
+                        };
+                        let _ = writeln!(s, "       {title}  {} bytes  {}", l.size, l.reason);
+                    }
+                }
+            }
+            (None, Some(e)) => {
+                let _ = writeln!(s, "disk:           none: {e}");
+            }
+            (None, None) => {}
+        }
+        s
+    }
+}
+
+/// Bytes in binary units, for people.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}

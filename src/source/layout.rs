@@ -1,0 +1,201 @@
+//! An OCI image layout directory: `oci-layout`, `index.json`, `blobs/ALG/HEX`.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use super::{Blob, BlobSource, Resolved};
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, Result};
+use crate::manifest::{ANNOTATION_REF_NAME, Descriptor, DiskLayer, MAX_MANIFEST_BYTES, Manifest};
+use crate::reference::Selector;
+
+/// A local OCI image layout.
+pub struct Layout {
+    dir: PathBuf,
+    selector: Selector,
+    reference: String,
+}
+
+impl Layout {
+    /// Check that `dir` is a layout; nothing else is read until [`resolve`](BlobSource::resolve).
+    pub fn open(dir: &Path, selector: Selector, reference: String) -> Result<Layout> {
+        let marker = dir.join("oci-layout");
+        match std::fs::metadata(&marker) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) | Err(_) if !dir.is_dir() => {
+                return Err(Error::NotFound(format!(
+                    "{}: no such layout directory",
+                    dir.display()
+                )));
+            }
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "{} is not an OCI image layout (no oci-layout file)",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(Layout {
+            dir: dir.to_owned(),
+            selector,
+            reference,
+        })
+    }
+
+    /// `blobs/ALG/HEX` — only ever built from a validated [`Digest`].
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
+    }
+
+    fn open_file(&self, digest: &Digest, what: &str) -> Result<(File, u64)> {
+        let path = self.blob_path(digest);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                Error::NotFound(format!("{what}: blob {digest} is missing from the layout"))
+            }
+            _ => Error::io(format!("{what}: opening {}", path.display()), e),
+        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("{what}: {}", path.display()), e))?;
+        if !meta.is_file() {
+            return Err(Error::Integrity(format!(
+                "{what}: blob {digest} is not a regular file"
+            )));
+        }
+        Ok((file, meta.len()))
+    }
+
+    /// Pick the index entry the selector names.
+    fn select(&self, index: &Manifest) -> Result<Descriptor> {
+        let tagged = |tag: &str| {
+            index
+                .manifests
+                .iter()
+                .find(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
+        };
+        let found = match &self.selector {
+            Selector::Tag(t) => tagged(t),
+            Selector::Default => tagged("latest").or(match index.manifests.as_slice() {
+                [only] => Some(only),
+                _ => None,
+            }),
+            Selector::Digest(d) => {
+                let want = d.to_string();
+                let hit = index.manifests.iter().find(|m| m.digest == want).cloned();
+                // A digest not listed in index.json may still name a manifest
+                // blob of the layout (skopeo allows this); its size is unknown.
+                return Ok(hit.unwrap_or(Descriptor {
+                    digest: want,
+                    size: u64::MAX,
+                    ..Descriptor::default()
+                }));
+            }
+        };
+        found.cloned().ok_or_else(|| {
+            let tags: Vec<&str> = index
+                .manifests
+                .iter()
+                .filter_map(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str))
+                .collect();
+            let wanted = match &self.selector {
+                Selector::Tag(t) => format!("tag {t:?}"),
+                _ => format!(
+                    "no tag given, no \"latest\", and {} manifests",
+                    index.manifests.len()
+                ),
+            };
+            Error::NotFound(format!(
+                "{}: {wanted} (tags in the layout: {})",
+                self.reference,
+                if tags.is_empty() {
+                    "none".to_owned()
+                } else {
+                    tags.join(", ")
+                }
+            ))
+        })
+    }
+}
+
+/// Read at most [`MAX_MANIFEST_BYTES`] from `r`, refusing anything longer.
+fn read_capped(mut r: impl Read, what: &str) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    r.by_ref()
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(format!("reading {what}"), e))?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(Error::Manifest(format!(
+            "{what} is larger than the {MAX_MANIFEST_BYTES} byte limit"
+        )));
+    }
+    Ok(bytes)
+}
+
+impl BlobSource for Layout {
+    fn resolve(&self) -> Result<Resolved> {
+        let index_path = self.dir.join("index.json");
+        let index_file = File::open(&index_path)
+            .map_err(|e| Error::io(format!("opening {}", index_path.display()), e))?;
+        let index_bytes = read_capped(index_file, "index.json")?;
+        let index: Manifest = serde_json::from_slice(&index_bytes)
+            .map_err(|e| Error::Manifest(format!("malformed index.json: {e}")))?;
+        let desc = self.select(&index)?;
+        let digest: Digest = desc.digest.parse().map_err(|e| {
+            Error::Manifest(format!("index.json entry for {}: {e}", self.reference))
+        })?;
+        let (file, len) = self.open_file(&digest, "manifest")?;
+        if desc.size != u64::MAX && len != desc.size {
+            return Err(Error::Integrity(format!(
+                "manifest {digest}: size mismatch: index.json says {} bytes, blob has {len}",
+                desc.size
+            )));
+        }
+        let bytes = read_capped(file, "manifest")?;
+        let mut h = Hasher::new(digest.algorithm());
+        h.update(&bytes);
+        let actual = h.finish();
+        if actual != digest {
+            return Err(Error::Integrity(format!(
+                "manifest digest mismatch: expected {digest}, actual {actual}"
+            )));
+        }
+        let manifest = Manifest::parse(&bytes)?;
+        Ok(Resolved {
+            reference: self.reference.clone(),
+            bytes,
+            digest,
+            manifest,
+        })
+    }
+
+    fn open_blob(&self, layer: &DiskLayer) -> Result<Blob> {
+        let what = format!("{} ({})", layer.name(), layer.digest);
+        let (file, len) = self.open_file(&layer.digest, &what)?;
+        if len != layer.size {
+            let how = if len < layer.size {
+                "truncated"
+            } else {
+                "oversized"
+            };
+            return Err(Error::Integrity(format!(
+                "{what}: blob is {how}: expected {} bytes, actual {len} bytes",
+                layer.size
+            )));
+        }
+        Ok(Blob::File {
+            file,
+            offset: 0,
+            len,
+        })
+    }
+
+    fn open_ahead(&self) -> usize {
+        usize::MAX
+    }
+}
