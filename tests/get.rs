@@ -420,3 +420,51 @@ fn bad_reference_is_one_clear_line() {
     let line = failure(&run(&["get", "oci:"]));
     assert!(line.contains("bad source reference"), "{line}");
 }
+
+#[test]
+fn terminal_stdout_is_refused_and_terminal_stderr_gets_progress() {
+    let (tmp, layout, _image) = fixture();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let tty = || Stdio::from(pty.slave.try_clone().unwrap());
+    // Binary data to a terminal: refused, and nothing written there.
+    let out = bin()
+        .args(["get", &layout.source("latest")])
+        .stdout(tty())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    assert!(line.contains("terminal"), "{line}");
+
+    // Progress is drawn on a terminal stderr, then the summary line.
+    let target = tmp.path().join("disk.out");
+    let status = bin()
+        .args([
+            "get",
+            &layout.source("latest"),
+            "-o",
+            target.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(tty())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(pty.slave);
+    let mut shown = Vec::new();
+    let mut master = File::from(pty.master);
+    let mut chunk = [0u8; 4096];
+    // Reading the master ends with EIO once no slave is open.
+    while let Ok(n) = master.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        shown.extend_from_slice(&chunk[..n]);
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(
+        shown.contains("GiB/s  ETA"),
+        "no live progress line: {shown}"
+    );
+    assert!(shown.contains("cloudimg: wrote (verified)"), "{shown}");
+}
