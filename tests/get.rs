@@ -468,3 +468,31 @@ fn terminal_stdout_is_refused_and_terminal_stderr_gets_progress() {
     );
     assert!(shown.contains("cloudimg: wrote (verified)"), "{shown}");
 }
+
+#[test]
+fn sigint_while_blocked_on_a_full_pipe_exits_130() {
+    let (_tmp, layout, _image) = fixture();
+    // Nobody reads our stdout pipe, so the copy blocks once the pipe is full.
+    let mut child = bin()
+        .args(["get", "-q", &layout.source("latest")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert_eq!(err.trim(), "cloudimg: interrupted by SIGINT");
+}
