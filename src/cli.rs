@@ -2,9 +2,10 @@
 //! library, and turns the outcome into one stderr line and an exit code
 //! (0 success, 1 failure, 2 usage, 128+N after signal N).
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use argh::FromArgs;
 
@@ -16,6 +17,9 @@ use crate::progress::Progress;
 use crate::pull::{ExecCocoon, Puller};
 use crate::reference::Reference;
 use crate::sink::Sink;
+use crate::source::registry::RegistryOptions;
+use crate::source::registry::auth::{Credentials, Secret};
+use crate::source::{SourceOptions, parse_platform};
 use crate::stream::{self, Options};
 use crate::{signals, source};
 
@@ -49,65 +53,205 @@ enum Command {
     Pull(PullArgs),
 }
 
-/// write the assembled disk to stdout, or to FILE with -o
-#[derive(FromArgs, Debug)]
-#[argh(
-    subcommand,
-    name = "get",
-    note = "Every disk layer is checked for its exact size and digest; on a mismatch the command \
-exits 1 naming the layer. With -o FILE the disk is written beside FILE under a temporary name and \
-renamed only when complete and verified (a block device is written in place). Refuses to write \
-to a terminal."
-)]
-struct GetArgs {
-    /// the image: oci:DIR[:TAG] or oci:DIR@sha256:HEX
-    #[argh(positional)]
-    source: String,
-    /// write to FILE instead of stdout
-    #[argh(option, short = 'o')]
-    output: Option<PathBuf>,
-    /// skip digest checks (sizes are still enforced)
-    #[argh(switch)]
-    no_verify: bool,
-    /// no progress, no summary line
-    #[argh(switch, short = 'q')]
-    quiet: bool,
+/// Declares a subcommand struct with the flags every command shares: the
+/// ones that say how to reach the source (argh has no flattening). Field
+/// types are matched as plain tokens (`Option<String>`), not as `ty`
+/// fragments, because argh's derive reads the type's spelling.
+macro_rules! with_source_flags {
+    (
+        $(#[$attr:meta])*
+        struct $name:ident {
+            $($(#[$fattr:meta])* $field:ident : $ty:ident $(<$inner:ident>)?,)*
+        }
+    ) => {
+        $(#[$attr])*
+        struct $name {
+            $($(#[$fattr])* $field: $ty $(<$inner>)?,)*
+            /// from an image index, pick OS/ARCH[/VARIANT] (default: linux/this machine)
+            #[argh(option)]
+            platform: Option<String>,
+            /// use plain http for the registry even when it is not on loopback
+            #[argh(switch)]
+            plain_http: bool,
+            /// user name for the registry (the password comes from --password-stdin)
+            #[argh(option)]
+            username: Option<String>,
+            /// read the registry password from stdin
+            #[argh(switch)]
+            password_stdin: bool,
+            /// a registry mirror (base URL) tried before the registry for blobs and
+            /// digest-pinned manifests; repeatable (default: $CLOUDIMG_MIRRORS, comma-separated)
+            #[argh(option)]
+            mirror: Vec<String>,
+            /// retries of a failed request or lost connection (default 5)
+            #[argh(option, default = "5")]
+            retries: u32,
+            /// seconds without a byte before a connection counts as stalled (default 60)
+            #[argh(option, default = "60")]
+            stall_timeout: u64,
+            /// concurrent range requests per blob from a registry (default 4; 1 = one stream)
+            #[argh(option, default = "4")]
+            connections: usize,
+        }
+
+        impl $name {
+            fn source_options(&self) -> Result<SourceOptions> {
+                source_options(SourceFlags {
+                    platform: self.platform.as_deref(),
+                    plain_http: self.plain_http,
+                    username: self.username.as_deref(),
+                    password_stdin: self.password_stdin,
+                    mirrors: &self.mirror,
+                    retries: self.retries,
+                    stall_timeout: self.stall_timeout,
+                    connections: self.connections,
+                })
+            }
+        }
+    };
 }
 
-/// show an image's manifest, kind and disk plan
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "inspect")]
-struct InspectArgs {
-    /// the image: oci:DIR[:TAG] or oci:DIR@sha256:HEX
-    #[argh(positional)]
-    source: String,
-    /// print JSON instead of text
-    #[argh(switch)]
-    json: bool,
+with_source_flags! {
+    /// write the assembled disk to stdout, or to FILE with -o
+    #[derive(FromArgs, Debug)]
+    #[argh(
+        subcommand,
+        name = "get",
+        note = "Every disk layer is checked for its exact size and digest; on a mismatch the \
+command exits 1 naming the layer. With -o FILE the disk is written beside FILE under a temporary \
+name and renamed only when complete and verified (a block device is written in place). Refuses \
+to write to a terminal."
+    )]
+    struct GetArgs {
+        /// the image (see SOURCE in the top-level help)
+        #[argh(positional)]
+        source: String,
+        /// write to FILE instead of stdout
+        #[argh(option, short = 'o')]
+        output: Option<PathBuf>,
+        /// skip digest checks (sizes are still enforced)
+        #[argh(switch)]
+        no_verify: bool,
+        /// no progress, no summary line
+        #[argh(switch, short = 'q')]
+        quiet: bool,
+    }
 }
 
-/// stream the disk into `cocoon image import NAME`
-#[derive(FromArgs, Debug)]
-#[argh(
-    subcommand,
-    name = "pull",
-    note = "cocoon commits an import when its stdin ends cleanly, so on any failure (read error, \
-size or digest mismatch, SIGINT/SIGTERM) cocoon's process group is killed before its stdin is \
-closed: a broken or unverified image is never committed."
-)]
-struct PullArgs {
-    /// the image: oci:DIR[:TAG] or oci:DIR@sha256:HEX
-    #[argh(positional)]
-    source: String,
-    /// the local image name (default: the repository's last path component, or DIR's base name)
-    #[argh(option)]
-    name: Option<String>,
-    /// skip digest checks (sizes are still enforced)
-    #[argh(switch)]
-    no_verify: bool,
-    /// no progress, no summary line
-    #[argh(switch, short = 'q')]
-    quiet: bool,
+with_source_flags! {
+    /// show an image's manifest, kind and disk plan
+    #[derive(FromArgs, Debug)]
+    #[argh(subcommand, name = "inspect")]
+    struct InspectArgs {
+        /// the image (see SOURCE in the top-level help)
+        #[argh(positional)]
+        source: String,
+        /// print JSON instead of text
+        #[argh(switch)]
+        json: bool,
+    }
+}
+
+with_source_flags! {
+    /// stream the disk into `cocoon image import NAME`
+    #[derive(FromArgs, Debug)]
+    #[argh(
+        subcommand,
+        name = "pull",
+        note = "cocoon commits an import when its stdin ends cleanly, so on any failure (read \
+error, size or digest mismatch, SIGINT/SIGTERM) cocoon's process group is killed before its stdin \
+is closed: a broken or unverified image is never committed."
+    )]
+    struct PullArgs {
+        /// the image (see SOURCE in the top-level help)
+        #[argh(positional)]
+        source: String,
+        /// the local image name (default: the repository's last path component, or DIR's base name)
+        #[argh(option)]
+        name: Option<String>,
+        /// skip digest checks (sizes are still enforced)
+        #[argh(switch)]
+        no_verify: bool,
+        /// no progress, no summary line
+        #[argh(switch, short = 'q')]
+        quiet: bool,
+    }
+}
+
+/// The shared flags, borrowed from whichever command has them.
+struct SourceFlags<'a> {
+    platform: Option<&'a str>,
+    plain_http: bool,
+    username: Option<&'a str>,
+    password_stdin: bool,
+    mirrors: &'a [String],
+    retries: u32,
+    stall_timeout: u64,
+    connections: usize,
+}
+
+/// Environment variable with comma-separated mirror URLs.
+pub const ENV_MIRRORS: &str = "CLOUDIMG_MIRRORS";
+
+fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
+    let platform = f.platform.map(parse_platform).transpose()?;
+    let credentials = match (f.username, f.password_stdin) {
+        (Some(user), true) => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .map_err(|e| Error::io("reading the password from stdin", e))?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                return Err(Error::Other("--password-stdin: stdin held no password".into()));
+            }
+            Some(Credentials {
+                username: user.to_owned(),
+                password: Secret::new(password),
+            })
+        }
+        (None, false) => None,
+        _ => {
+            return Err(Error::Other(
+                "--username and --password-stdin go together".into(),
+            ));
+        }
+    };
+    let mut mirrors: Vec<String> = f.mirrors.to_vec();
+    if mirrors.is_empty()
+        && let Ok(env) = std::env::var(ENV_MIRRORS)
+    {
+        mirrors = env
+            .split([',', ' '])
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    for m in &mirrors {
+        if !(m.starts_with("http://") || m.starts_with("https://")) {
+            return Err(Error::Other(format!(
+                "mirror {m:?} must be an http:// or https:// base URL"
+            )));
+        }
+    }
+    if f.connections == 0 {
+        return Err(Error::Other("--connections must be at least 1".into()));
+    }
+    if f.stall_timeout == 0 {
+        return Err(Error::Other("--stall-timeout must be at least 1 second".into()));
+    }
+    Ok(SourceOptions {
+        platform,
+        registry: RegistryOptions {
+            plain_http: f.plain_http,
+            credentials,
+            mirrors,
+            retries: f.retries,
+            stall_timeout: Duration::from_secs(f.stall_timeout),
+            connections: f.connections,
+            ..RegistryOptions::default()
+        },
+    })
 }
 
 /// Run the command line `args` (without the program name); returns the exit code.
@@ -166,7 +310,7 @@ fn get(a: GetArgs) -> Result<()> {
         ));
     }
     let reference = Reference::parse(&a.source)?;
-    let source = source::open(&reference)?;
+    let source = source::open(&reference, &a.source_options()?)?;
     let resolved = source.resolve()?;
     let plan = disk_plan(&resolved.manifest)?;
     let opts = options(a.no_verify);
@@ -196,7 +340,7 @@ fn get(a: GetArgs) -> Result<()> {
 
 fn inspect(a: InspectArgs) -> Result<()> {
     let reference = Reference::parse(&a.source)?;
-    let source = source::open(&reference)?;
+    let source = source::open(&reference, &a.source_options()?)?;
     let report = Report::new(&source.resolve()?);
     let text = if a.json {
         report.to_json() + "\n"
@@ -210,13 +354,13 @@ fn inspect(a: InspectArgs) -> Result<()> {
 
 fn pull(a: PullArgs) -> Result<()> {
     let reference = Reference::parse(&a.source)?;
-    let name = a.name.unwrap_or_else(|| reference.default_name());
+    let name = a.name.clone().unwrap_or_else(|| reference.default_name());
     if name.is_empty() || name.starts_with('-') || name.chars().any(char::is_control) {
         return Err(Error::Other(format!(
             "{name:?} is not a usable image name (empty, control characters or a leading '-')"
         )));
     }
-    let source = source::open(&reference)?;
+    let source = source::open(&reference, &a.source_options()?)?;
     let cocoon = ExecCocoon::from_env();
     let opts = options(a.no_verify);
     let mut progress = Progress::new(0, a.quiet);

@@ -7,12 +7,14 @@ use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::manifest::{DiskPlan, Kind, disk_plan};
-use crate::source::Resolved;
+use crate::source::{IndexChoice, Resolved};
 
 /// Everything `inspect` shows about one resolved manifest.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub reference: String,
+    /// The image index the reference named, and the platform chosen from it.
+    pub index: Option<IndexChoice>,
     pub digest: Digest,
     pub media_type: Option<String>,
     pub artifact_type: Option<String>,
@@ -33,6 +35,7 @@ impl Report {
         };
         Report {
             reference: resolved.reference.clone(),
+            index: resolved.index.clone(),
             digest: resolved.digest.clone(),
             media_type: m.media_type.clone(),
             artifact_type: m.artifact_type.clone(),
@@ -51,6 +54,21 @@ impl Report {
         let mut s = String::new();
         let none = "-";
         let _ = writeln!(s, "reference:      {}", self.reference);
+        if let Some(ix) = &self.index {
+            let _ = writeln!(
+                s,
+                "index:          {} ({}), chose {}/{}{}",
+                ix.digest,
+                ix.media_type.as_deref().unwrap_or(none),
+                ix.platform.os,
+                ix.platform.architecture,
+                ix.platform
+                    .variant
+                    .as_deref()
+                    .map(|v| format!("/{v}"))
+                    .unwrap_or_default()
+            );
+        }
         let _ = writeln!(s, "digest:         {}", self.digest);
         let _ = writeln!(
             s,

@@ -175,7 +175,7 @@ impl StreamPass<'_, '_, '_> {
                     signals::check()?;
                     continue;
                 }
-                Err(e) => return Err(Error::io(format!("{label}: reading"), e)),
+                Err(e) => return Err(read_error(label, e)),
             };
             inspect(&self.buf[..n]);
             self.copier.write_bytes(&self.buf[..n])?;
@@ -194,8 +194,28 @@ impl StreamPass<'_, '_, '_> {
                     )));
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => signals::check()?,
-                Err(e) => return Err(Error::io(format!("{label}: reading"), e)),
+                Err(e) => return Err(read_error(label, e)),
             }
         }
     }
+}
+
+/// A read error of a stream blob. Sources that speak `io::Read` carry this
+/// crate's own errors inside `io::Error`; those come back out unchanged when
+/// they already say what they are about (a signal, an integrity verdict), and
+/// are prefixed with the layer otherwise.
+fn read_error(label: &str, e: std::io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        let inner = e
+            .into_inner()
+            .expect("checked above")
+            .downcast::<Error>()
+            .expect("checked above");
+        return match *inner {
+            e @ (Error::Interrupted(_) | Error::Integrity(_)) => e,
+            Error::NotFound(m) => Error::NotFound(format!("{label}: {m}")),
+            other => Error::Other(format!("{label}: {other}")),
+        };
+    }
+    Error::io(format!("{label}: reading"), e)
 }

@@ -4,10 +4,12 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use super::{Blob, BlobSource, Resolved};
+use super::{Blob, BlobSource, IndexChoice, Resolved, choose_platform};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, Result};
-use crate::manifest::{ANNOTATION_REF_NAME, Descriptor, DiskLayer, MAX_MANIFEST_BYTES, Manifest};
+use crate::manifest::{
+    ANNOTATION_REF_NAME, Descriptor, DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform,
+};
 use crate::reference::Selector;
 
 /// A local OCI image layout.
@@ -15,11 +17,17 @@ pub struct Layout {
     dir: PathBuf,
     selector: Selector,
     reference: String,
+    platform: Option<Platform>,
 }
 
 impl Layout {
     /// Check that `dir` is a layout; nothing else is read until [`resolve`](BlobSource::resolve).
-    pub fn open(dir: &Path, selector: Selector, reference: String) -> Result<Layout> {
+    pub fn open(
+        dir: &Path,
+        selector: Selector,
+        reference: String,
+        platform: Option<Platform>,
+    ) -> Result<Layout> {
         let marker = dir.join("oci-layout");
         match std::fs::metadata(&marker) {
             Ok(m) if m.is_file() => {}
@@ -40,6 +48,7 @@ impl Layout {
             dir: dir.to_owned(),
             selector,
             reference,
+            platform,
         })
     }
 
@@ -122,6 +131,32 @@ impl Layout {
     }
 }
 
+impl Layout {
+    /// Read and verify the manifest (or index) a descriptor points at.
+    fn read_manifest(&self, desc: &Descriptor) -> Result<(Vec<u8>, Digest)> {
+        let digest: Digest = desc.digest.parse().map_err(|e| {
+            Error::Manifest(format!("index entry for {}: {e}", self.reference))
+        })?;
+        let (file, len) = self.open_file(&digest, "manifest")?;
+        if desc.size != u64::MAX && len != desc.size {
+            return Err(Error::Integrity(format!(
+                "manifest {digest}: size mismatch: the index says {} bytes, blob has {len}",
+                desc.size
+            )));
+        }
+        let bytes = read_capped(file, "manifest")?;
+        let mut h = Hasher::new(digest.algorithm());
+        h.update(&bytes);
+        let actual = h.finish();
+        if actual != digest {
+            return Err(Error::Integrity(format!(
+                "manifest digest mismatch: expected {digest}, actual {actual}"
+            )));
+        }
+        Ok((bytes, digest))
+    }
+}
+
 /// Read at most [`MAX_MANIFEST_BYTES`] from `r`, refusing anything longer.
 fn read_capped(mut r: impl Read, what: &str) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
@@ -146,31 +181,30 @@ impl BlobSource for Layout {
         let index: Manifest = serde_json::from_slice(&index_bytes)
             .map_err(|e| Error::Manifest(format!("malformed index.json: {e}")))?;
         let desc = self.select(&index)?;
-        let digest: Digest = desc.digest.parse().map_err(|e| {
-            Error::Manifest(format!("index.json entry for {}: {e}", self.reference))
-        })?;
-        let (file, len) = self.open_file(&digest, "manifest")?;
-        if desc.size != u64::MAX && len != desc.size {
-            return Err(Error::Integrity(format!(
-                "manifest {digest}: size mismatch: index.json says {} bytes, blob has {len}",
-                desc.size
-            )));
-        }
-        let bytes = read_capped(file, "manifest")?;
-        let mut h = Hasher::new(digest.algorithm());
-        h.update(&bytes);
-        let actual = h.finish();
-        if actual != digest {
-            return Err(Error::Integrity(format!(
-                "manifest digest mismatch: expected {digest}, actual {actual}"
-            )));
-        }
+        let (bytes, digest) = self.read_manifest(&desc)?;
         let manifest = Manifest::parse(&bytes)?;
+        if manifest.kind() != Kind::ImageIndex {
+            return Ok(Resolved {
+                reference: self.reference.clone(),
+                bytes,
+                digest,
+                manifest,
+                index: None,
+            });
+        }
+        // A tag naming an image index: pick the platform's manifest.
+        let child = choose_platform(&manifest, self.platform.as_ref())?;
+        let (child_bytes, child_digest) = self.read_manifest(&child)?;
         Ok(Resolved {
             reference: self.reference.clone(),
-            bytes,
-            digest,
-            manifest,
+            manifest: Manifest::parse(&child_bytes)?,
+            bytes: child_bytes,
+            digest: child_digest,
+            index: Some(IndexChoice {
+                digest,
+                media_type: manifest.media_type.clone(),
+                platform: child.platform.clone().unwrap_or_default(),
+            }),
         })
     }
 

@@ -3,14 +3,16 @@
 //! sink can pick the cheapest syscall for the pair (see [`Blob`]).
 
 pub mod layout;
+pub mod registry;
 
 use std::fs::File;
 use std::io::Read;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::manifest::{DiskLayer, Manifest};
+use crate::manifest::{Descriptor, DiskLayer, Manifest, Platform};
 use crate::reference::Reference;
+use registry::RegistryOptions;
 
 /// A blob as a source can give it.
 pub enum Blob {
@@ -33,6 +35,94 @@ pub struct Resolved {
     pub digest: Digest,
     /// The parsed manifest.
     pub manifest: Manifest,
+    /// When the reference named an image index: the index, and which of its
+    /// manifests was chosen.
+    pub index: Option<IndexChoice>,
+}
+
+/// The image index a manifest was chosen from.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IndexChoice {
+    pub digest: Digest,
+    pub media_type: Option<String>,
+    pub platform: Platform,
+}
+
+/// How sources are opened.
+#[derive(Clone, Debug, Default)]
+pub struct SourceOptions {
+    /// The platform to pick from an image index (default: linux and this
+    /// machine's architecture).
+    pub platform: Option<Platform>,
+    pub registry: RegistryOptions,
+}
+
+/// This machine's architecture in OCI's (Go's) spelling.
+pub fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+        "powerpc64" => "ppc64",
+        other => other,
+    }
+}
+
+/// Parse `os/arch[/variant]`.
+pub fn parse_platform(s: &str) -> Result<Platform> {
+    let mut parts = s.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => {
+            Ok(Platform {
+                os: os.to_owned(),
+                architecture: arch.to_owned(),
+                variant: variant.filter(|v| !v.is_empty()).map(str::to_owned),
+            })
+        }
+        _ => Err(Error::Other(format!(
+            "--platform {s:?}: expected OS/ARCH or OS/ARCH/VARIANT, e.g. linux/arm64"
+        ))),
+    }
+}
+
+/// Pick the manifest of an image index for `wanted` (default: linux on this
+/// machine's architecture). A variant is only compared when one is asked for.
+pub fn choose_platform(index: &Manifest, wanted: Option<&Platform>) -> Result<Descriptor> {
+    let default = Platform {
+        os: "linux".to_owned(),
+        architecture: host_architecture().to_owned(),
+        variant: None,
+    };
+    let want = wanted.unwrap_or(&default);
+    let matches = |p: &Platform| {
+        p.os == want.os
+            && p.architecture == want.architecture
+            && (want.variant.is_none() || p.variant == want.variant)
+    };
+    index
+        .manifests
+        .iter()
+        .find(|d| d.platform.as_ref().is_some_and(matches))
+        .cloned()
+        .ok_or_else(|| {
+            let have: Vec<String> = index
+                .manifests
+                .iter()
+                .filter_map(|d| d.platform.as_ref())
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+                .collect();
+            Error::NotFound(format!(
+                "the image index has no manifest for {}/{} (it has: {})",
+                want.os,
+                want.architecture,
+                if have.is_empty() {
+                    "no platforms".to_owned()
+                } else {
+                    have.join(", ")
+                }
+            ))
+        })
 }
 
 /// The seed's `BlobReader`, grown up: resolve a manifest, open blobs.
@@ -55,16 +145,18 @@ pub trait BlobSource: Send + Sync {
 }
 
 /// Open the source a reference names.
-pub fn open(reference: &Reference) -> Result<Box<dyn BlobSource>> {
+pub fn open(reference: &Reference, opts: &SourceOptions) -> Result<Box<dyn BlobSource>> {
     match reference {
         Reference::Layout { dir, selector } => Ok(Box::new(layout::Layout::open(
             dir,
             selector.clone(),
             reference.to_string(),
+            opts.platform.clone(),
         )?)),
-        Reference::Registry { .. } => Err(Error::Other(format!(
-            "{reference}: registry sources are not supported by this build yet; \
-             use an OCI layout (oci:DIR[:TAG])"
-        ))),
+        Reference::Registry { .. } => Ok(Box::new(registry::Registry::open(
+            reference,
+            opts.platform.clone(),
+            &opts.registry,
+        )?)),
     }
 }

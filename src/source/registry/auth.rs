@@ -1,0 +1,370 @@
+//! Registry authentication: `WWW-Authenticate` challenges, credentials from
+//! the command line or the docker config, and the tokens they buy.
+//!
+//! Secrets live in [`Secret`], whose `Debug` and `Display` print `***`, so no
+//! error message or debug print can leak one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// A string that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for building a header. Never format this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A user name and password for a registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl Credentials {
+    /// The value of an `Authorization: Basic …` header.
+    pub fn basic_header(&self) -> Secret {
+        let raw = format!("{}:{}", self.username, self.password.expose());
+        Secret(format!("Basic {}", BASE64.encode(raw)))
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+/// Parse a `WWW-Authenticate` header value: a scheme, then `key=value` or
+/// `key="quoted value"` pairs separated by commas. Unknown schemes and a
+/// Bearer challenge without a realm are `None`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = match header.find(char::is_whitespace) {
+        Some(i) => (&header[..i], header[i..].trim_start()),
+        None => (header, ""),
+    };
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let params = parse_params(rest)?;
+    Some(Challenge::Bearer {
+        realm: params.get("realm")?.clone(),
+        service: params.get("service").cloned(),
+        scope: params.get("scope").cloned(),
+    })
+}
+
+fn parse_params(mut s: &str) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    loop {
+        s = s.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+        if s.is_empty() {
+            return Some(out);
+        }
+        let eq = s.find('=')?;
+        let key = s[..eq].trim().to_ascii_lowercase();
+        if key.is_empty() || key.contains(|c: char| c.is_whitespace() || c == ',') {
+            return None;
+        }
+        s = s[eq + 1..].trim_start();
+        let value = if let Some(quoted) = s.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = quoted.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (i, '"') => break i,
+                    (_, '\\') => v.push(chars.next()?.1),
+                    (_, c) => v.push(c),
+                }
+            };
+            s = &quoted[end + 1..];
+            v
+        } else {
+            let end = s.find(',').unwrap_or(s.len());
+            let v = s[..end].trim().to_owned();
+            s = &s[end..];
+            v
+        };
+        out.insert(key, value);
+    }
+}
+
+/// The JSON a token realm answers with.
+#[derive(Deserialize)]
+pub struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+impl TokenResponse {
+    pub fn into_token(self) -> Option<Secret> {
+        self.token
+            .or(self.access_token)
+            .filter(|t| !t.is_empty())
+            .map(Secret)
+    }
+}
+
+/// Where credentials for a registry host come from.
+#[derive(Clone, Debug, Default)]
+pub struct CredentialStore {
+    /// `--username` + `--password-stdin`, for the reference's own registry.
+    pub explicit: Option<(String, Credentials)>,
+    /// The docker config directory (`$DOCKER_CONFIG`, else `~/.docker`).
+    pub docker_config_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuth>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+struct DockerAuth {
+    #[serde(default)]
+    auth: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: String,
+}
+
+/// `https://index.docker.io/v1/` → `index.docker.io`; `host:5000` stays.
+fn normalize_host(key: &str) -> &str {
+    let k = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    k.split('/').next().unwrap_or(k)
+}
+
+impl CredentialStore {
+    /// The usual places: `$DOCKER_CONFIG`, else `$HOME/.docker`.
+    pub fn from_env() -> CredentialStore {
+        let dir = std::env::var_os("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
+        CredentialStore {
+            explicit: None,
+            docker_config_dir: dir,
+        }
+    }
+
+    /// Credentials for `host` (`name[:port]`), if the user has any.
+    pub fn lookup(&self, host: &str) -> Result<Option<Credentials>> {
+        if let Some((h, c)) = &self.explicit
+            && h == host
+        {
+            return Ok(Some(c.clone()));
+        }
+        let Some(dir) = &self.docker_config_dir else {
+            return Ok(None);
+        };
+        let path = dir.join("config.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let config: DockerConfig = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Other(format!("{}: not a docker config: {e}", path.display()))
+        })?;
+        if let Some(helper) = config.cred_helpers.get(host).or(config.creds_store.as_ref()) {
+            if let Some(c) = run_helper(helper, host)? {
+                return Ok(Some(c));
+            }
+        }
+        let entry = config
+            .auths
+            .iter()
+            .find(|(k, _)| normalize_host(k) == host)
+            .and_then(|(_, a)| a.auth.as_deref());
+        let Some(encoded) = entry else {
+            return Ok(None);
+        };
+        let decoded = BASE64
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "{}: auths.{host}.auth is not base64 of user:password",
+                    path.display()
+                ))
+            })?;
+        let (user, pass) = decoded.split_once(':').ok_or_else(|| {
+            Error::Other(format!(
+                "{}: auths.{host}.auth is not base64 of user:password",
+                path.display()
+            ))
+        })?;
+        Ok(Some(Credentials {
+            username: user.to_owned(),
+            password: Secret(pass.to_owned()),
+        }))
+    }
+}
+
+/// Ask `docker-credential-NAME get` for `host`'s credentials.
+fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
+    if name.is_empty() || name.contains('/') {
+        return Err(Error::Other(format!(
+            "docker config names an unusable credential helper {name:?}"
+        )));
+    }
+    let program = format!("docker-credential-{name}");
+    let mut child = match Command::new(&program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(Error::Other(format!(
+                "docker config names credential helper {program}, which cannot be run: {e}"
+            )));
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(host.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io(format!("running {program}"), e))?;
+    if !out.status.success() {
+        // Helpers exit non-zero for "no credentials for this host".
+        return Ok(None);
+    }
+    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
+        .map_err(|_| Error::Other(format!("{program} answered something that is not JSON")))?;
+    Ok(Some(Credentials {
+        username: answer.username,
+        password: Secret(answer.secret),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_challenges() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry.example".into()),
+                scope: Some("repository:a/b:pull".into()),
+            }
+        );
+        // Case, spacing, unquoted values, escapes, commas inside quotes.
+        let c = parse_challenge(
+            r#"bearer  Realm=https://a/t , scope="repository:x:pull,push", service="s\"q""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://a/t".into(),
+                service: Some("s\"q".into()),
+                scope: Some("repository:x:pull,push".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn other_challenges() {
+        assert_eq!(parse_challenge("Basic realm=\"x\""), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+        assert_eq!(parse_challenge("Bearer service=\"x\""), None, "no realm");
+        assert_eq!(parse_challenge("Bearer realm=\"unterminated"), None);
+        assert_eq!(parse_challenge(""), None);
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = Credentials {
+            username: "u".into(),
+            password: Secret::new("hunter2"),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{}", c.basic_header()).contains("aHVudGVy"));
+        assert_eq!(c.basic_header().expose(), "Basic dTpodW50ZXIy");
+    }
+
+    #[test]
+    fn docker_config_auths() {
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            format!(
+                r#"{{"auths":{{"https://reg.example:5000/v1/":{{"auth":"{}"}}}}}}"#,
+                BASE64.encode("alice:s3cret:with:colons")
+            ),
+        )
+        .unwrap();
+        let store = CredentialStore {
+            explicit: None,
+            docker_config_dir: Some(dir.path().to_owned()),
+        };
+        let c = store.lookup("reg.example:5000").unwrap().unwrap();
+        assert_eq!(c.username, "alice");
+        assert_eq!(c.password.expose(), "s3cret:with:colons");
+        assert_eq!(store.lookup("other.example").unwrap(), None);
+    }
+}

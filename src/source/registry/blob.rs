@@ -1,0 +1,502 @@
+//! Blob bodies from a registry, as `Read`ers that survive the network:
+//!
+//! - [`Resumable`]: one stream that, when the connection is lost or stalls,
+//!   reconnects at the byte reached with `Range: bytes=N-`. A `206` continues
+//!   the same bytes; a `200` (a server that ignores Range) is read forward N
+//!   bytes and then continues. The caller's hash sees every byte once.
+//! - [`Parallel`]: a blob fetched as N concurrent range requests of one chunk
+//!   each into bounded, in-order buffers (at most `2 × N` chunks in memory),
+//!   for object stores and CDNs that cap each connection's rate. Each chunk
+//!   resumes on its own. The caller still reads (and hashes) in order.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::sync::{Arc, Condvar, Mutex};
+
+use ureq::http::StatusCode;
+
+use super::client::{Client, Response, backoff, pause, redact};
+use crate::error::{Error, Result};
+use crate::signals;
+
+/// Where a blob can be fetched, and what it must be.
+pub struct BlobFetch {
+    pub client: Arc<Client>,
+    /// Candidate URLs, mirrors first, the registry last.
+    pub urls: Vec<String>,
+    pub scope: String,
+    pub size: u64,
+    /// How errors name the blob.
+    pub label: String,
+}
+
+/// An open response for `[pos, end)` of a blob, or the whole of it.
+struct Opened {
+    body: ureq::BodyReader<'static>,
+    /// Bytes to throw away first (the server ignored our Range).
+    skip: u64,
+    /// The URL that answered, for follow-up range requests.
+    url: String,
+    /// A 206: the server honoured the Range.
+    partial: bool,
+}
+
+impl BlobFetch {
+    /// Open the blob at `pos`; `end` bounds a chunk request (`None`: to the
+    /// end). `prefer` is a URL that answered before (after redirects).
+    fn open(&self, pos: u64, end: Option<u64>, prefer: Option<&str>) -> Result<Opened> {
+        let range = match (pos, end) {
+            (0, None) => None,
+            (p, None) => Some(format!("bytes={p}-")),
+            (p, Some(e)) => Some(format!("bytes={p}-{}", e - 1)),
+        };
+        let headers: Vec<(&str, String)> = range.iter().map(|r| ("Range", r.clone())).collect();
+        let mut last_err = None;
+        let candidates = prefer
+            .into_iter()
+            .map(str::to_owned)
+            .chain(self.urls.iter().cloned());
+        let n = self.urls.len() + usize::from(prefer.is_some());
+        for (i, url) in candidates.enumerate() {
+            // Mirrors and remembered URLs get one try each; the registry,
+            // last, gets the whole retry budget.
+            let tries = if i + 1 == n { self.client.retries() } else { 0 };
+            match self.client.get_tries(&url, &headers, &self.scope, tries) {
+                Ok(resp) => return self.accept(resp, pos),
+                Err(e @ Error::Interrupted(_)) => return Err(e),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least the registry URL is a candidate"))
+    }
+
+    /// Check a response against what was asked for.
+    fn accept(&self, resp: Response, pos: u64) -> Result<Opened> {
+        let label = &self.label;
+        let length: Option<u64> = resp.header("content-length").and_then(|v| v.parse().ok());
+        let skip = if resp.status == StatusCode::PARTIAL_CONTENT {
+            let (start, total) = resp
+                .header("content-range")
+                .and_then(parse_content_range)
+                .ok_or_else(|| {
+                    Error::Other(format!(
+                        "{label}: 206 without a usable Content-Range from {}",
+                        redact(&resp.url)
+                    ))
+                })?;
+            if start != pos {
+                return Err(Error::Other(format!(
+                    "{label}: asked for bytes from {pos}, the server sent from {start}"
+                )));
+            }
+            if let Some(total) = total
+                && total != self.size
+            {
+                return Err(size_error(label, total, self.size));
+            }
+            0
+        } else {
+            // 200: the whole blob, whatever we asked for.
+            if let Some(len) = length
+                && len != self.size
+            {
+                return Err(size_error(label, len, self.size));
+            }
+            pos
+        };
+        Ok(Opened {
+            partial: resp.status == StatusCode::PARTIAL_CONTENT,
+            url: resp.url.clone(),
+            body: resp.body.into_reader(),
+            skip,
+        })
+    }
+}
+
+fn size_error(label: &str, server: u64, manifest: u64) -> Error {
+    let how = if server < manifest {
+        "truncated"
+    } else {
+        "oversized"
+    };
+    Error::Integrity(format!(
+        "{label}: blob is {how}: the server has {server} bytes, the manifest says {manifest}"
+    ))
+}
+
+/// `bytes START-END/TOTAL` (TOTAL may be `*`).
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let (start, _) = span.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.trim().parse().ok()?, total))
+}
+
+/// One stream over `[start, end)` of a blob (or to its end) that resumes
+/// where it broke off.
+pub struct Resumable {
+    fetch: Arc<BlobFetch>,
+    pos: u64,
+    /// `None`: read to the end of the body (so an oversized body shows).
+    end: Option<u64>,
+    current: Option<Opened>,
+    /// Failures in a row without a byte of progress.
+    failures: u32,
+    url: Option<String>,
+}
+
+impl Resumable {
+    /// Open the whole blob now, so that errors such as 404 surface at once.
+    pub fn open(fetch: Arc<BlobFetch>) -> Result<Resumable> {
+        let opened = fetch.open(0, None, None)?;
+        Ok(Resumable {
+            fetch,
+            pos: 0,
+            end: None,
+            url: Some(opened.url.clone()),
+            current: Some(opened),
+            failures: 0,
+        })
+    }
+
+    /// A chunk `[start, end)`, opened lazily.
+    fn chunk(fetch: Arc<BlobFetch>, start: u64, end: u64, url: Option<String>) -> Resumable {
+        Resumable {
+            fetch,
+            pos: start,
+            end: Some(end),
+            current: None,
+            failures: 0,
+            url,
+        }
+    }
+
+    /// Read the next bytes, reconnecting as needed.
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let want = match self.end {
+            Some(end) if self.pos >= end => return Ok(0),
+            Some(end) => buf.len().min(usize::try_from(end - self.pos).unwrap_or(usize::MAX)),
+            None => buf.len(),
+        };
+        loop {
+            signals::check()?;
+            if self.current.is_none() {
+                match self.fetch.open(self.pos, self.end, self.url.as_deref()) {
+                    Ok(o) => {
+                        self.url = Some(o.url.clone());
+                        self.current = Some(o);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let opened = self.current.as_mut().expect("opened above");
+            let outcome = if opened.skip > 0 {
+                // The server ignored Range: read forward to where we were.
+                let n = opened.skip.min(buf.len() as u64) as usize;
+                match opened.body.read(&mut buf[..n]) {
+                    Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                    Ok(k) => {
+                        opened.skip -= k as u64;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                opened.body.read(&mut buf[..want])
+            };
+            match outcome {
+                Ok(0) if self.end.is_none() && self.pos >= self.fetch.size => return Ok(0),
+                Ok(0) => self.broken(io::Error::from(io::ErrorKind::UnexpectedEof))?,
+                Ok(n) => {
+                    self.pos += n as u64;
+                    self.failures = 0;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => self.broken(e)?,
+            }
+        }
+    }
+
+    /// The connection broke at `pos`: drop it and, budget allowing, pause
+    /// before the next attempt reconnects.
+    fn broken(&mut self, e: io::Error) -> Result<()> {
+        self.current = None;
+        if self.failures >= self.fetch.client.retries() {
+            return Err(Error::Other(format!(
+                "{}: connection lost at byte {} ({e}); gave up after {} retries",
+                self.fetch.label,
+                self.pos,
+                self.failures
+            )));
+        }
+        pause(backoff(self.failures, None))?;
+        self.failures += 1;
+        Ok(())
+    }
+}
+
+impl Read for Resumable {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_some(buf).map_err(into_io)
+    }
+}
+
+/// Carry our error through `io::Read`; [`crate::stream`] unwraps it again.
+pub fn into_io(e: Error) -> io::Error {
+    io::Error::other(e)
+}
+
+/// In-order delivery of concurrently fetched chunks.
+pub struct Parallel {
+    shared: Arc<Shared>,
+    chunk: u64,
+    chunks: u64,
+    connections: usize,
+    /// The chunk being handed out, and how much of it has been.
+    current: Option<(Vec<u8>, usize)>,
+    next: u64,
+    started: bool,
+    fetch: Arc<BlobFetch>,
+    url: Option<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    done: BTreeMap<u64, std::result::Result<Vec<u8>, String>>,
+    /// The next chunk a worker may claim.
+    claim: u64,
+    /// The chunk the reader waits for; workers stay within a window of it.
+    reading: u64,
+    spare: Vec<Vec<u8>>,
+    cancel: bool,
+}
+
+impl Parallel {
+    /// Probe with a request for the first chunk: `Ok(None)` when the server
+    /// does not honour Range (the caller streams singly instead, reusing
+    /// nothing: the probe's body is dropped).
+    pub fn open(
+        fetch: Arc<BlobFetch>,
+        chunk: u64,
+        connections: usize,
+    ) -> Result<std::result::Result<Parallel, Resumable>> {
+        let first_end = chunk.min(fetch.size);
+        let opened = fetch.open(0, Some(first_end), None)?;
+        if opened.partial {
+            let chunks = fetch.size.div_ceil(chunk);
+            let url = Some(opened.url.clone());
+            // Read the first chunk on the first read(), from this response.
+            let first = Resumable {
+                fetch: Arc::clone(&fetch),
+                pos: 0,
+                end: Some(first_end),
+                url: url.clone(),
+                current: Some(opened),
+                failures: 0,
+            };
+            let shared = Arc::new(Shared {
+                state: Mutex::new(State {
+                    claim: 1,
+                    ..State::default()
+                }),
+                changed: Condvar::new(),
+            });
+            let p = Parallel {
+                shared,
+                chunk,
+                chunks,
+                connections,
+                current: None,
+                next: 0,
+                started: false,
+                fetch,
+                url,
+            };
+            p.spawn_first(first);
+            return Ok(Ok(p));
+        }
+        // A 200: the server sends the whole blob; stream it singly.
+        Ok(Err(Resumable {
+            url: Some(opened.url.clone()),
+            current: Some(opened),
+            fetch,
+            pos: 0,
+            end: None,
+            failures: 0,
+        }))
+    }
+
+    fn spawn_first(&self, mut first: Resumable) {
+        let shared = Arc::clone(&self.shared);
+        let len = first.end.unwrap_or(0) as usize;
+        std::thread::spawn(move || {
+            signals::block_in_this_thread();
+            let result = fill(&mut first, vec![0; len]);
+            let mut st = shared.state.lock().expect("parallel state");
+            st.done.insert(0, result);
+            shared.changed.notify_all();
+        });
+    }
+
+    /// Start the other workers, on the first read.
+    fn start(&mut self) {
+        self.started = true;
+        let window = 2 * self.connections as u64;
+        for _ in 1..self.connections.max(1) {
+            let shared = Arc::clone(&self.shared);
+            let fetch = Arc::clone(&self.fetch);
+            let url = self.url.clone();
+            let (chunk, chunks) = (self.chunk, self.chunks);
+            std::thread::spawn(move || {
+                signals::block_in_this_thread();
+                worker(&shared, &fetch, url, chunk, chunks, window);
+            });
+        }
+        if self.connections <= 1 {
+            // One connection: the reader's own requests, in order.
+            let shared = Arc::clone(&self.shared);
+            let fetch = Arc::clone(&self.fetch);
+            let url = self.url.clone();
+            let (chunk, chunks) = (self.chunk, self.chunks);
+            std::thread::spawn(move || {
+                signals::block_in_this_thread();
+                worker(&shared, &fetch, url, chunk, chunks, 2);
+            });
+        }
+    }
+}
+
+/// Read exactly the chunk's bytes into `buf`.
+fn fill(r: &mut Resumable, mut buf: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let mut at = 0;
+    while at < buf.len() {
+        match r.read_some(&mut buf[at..]) {
+            Ok(0) => return Err(format!("{}: chunk ended early", r.fetch.label)),
+            Ok(n) => at += n,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(buf)
+}
+
+fn worker(
+    shared: &Shared,
+    fetch: &Arc<BlobFetch>,
+    url: Option<String>,
+    chunk: u64,
+    chunks: u64,
+    window: u64,
+) {
+    loop {
+        let (k, buf) = {
+            let mut st = shared.state.lock().expect("parallel state");
+            loop {
+                if st.cancel || st.claim >= chunks {
+                    return;
+                }
+                if st.claim < st.reading + window {
+                    break;
+                }
+                st = shared.changed.wait(st).expect("parallel state");
+            }
+            let k = st.claim;
+            st.claim += 1;
+            (k, st.spare.pop().unwrap_or_default())
+        };
+        let start = k * chunk;
+        let end = (start + chunk).min(fetch.size);
+        let mut buf = buf;
+        buf.resize((end - start) as usize, 0);
+        let mut r = Resumable::chunk(Arc::clone(fetch), start, end, url.clone());
+        let result = fill(&mut r, buf);
+        let failed = result.is_err();
+        let mut st = shared.state.lock().expect("parallel state");
+        st.done.insert(k, result);
+        shared.changed.notify_all();
+        if failed {
+            return;
+        }
+    }
+}
+
+impl Read for Parallel {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some((buf, at)) = &mut self.current {
+                if *at < buf.len() {
+                    let n = (buf.len() - *at).min(out.len());
+                    out[..n].copy_from_slice(&buf[*at..*at + n]);
+                    *at += n;
+                    return Ok(n);
+                }
+                let (spent, _) = self.current.take().expect("checked above");
+                self.shared
+                    .state
+                    .lock()
+                    .expect("parallel state")
+                    .spare
+                    .push(spent);
+            }
+            if self.next >= self.chunks {
+                return Ok(0);
+            }
+            if !self.started {
+                self.start();
+            }
+            let mut st = self.shared.state.lock().expect("parallel state");
+            let result = loop {
+                if let Some(r) = st.done.remove(&self.next) {
+                    break r;
+                }
+                if signals::pending().is_some() {
+                    return Err(io::Error::from(io::ErrorKind::Interrupted));
+                }
+                st = self
+                    .shared
+                    .changed
+                    .wait_timeout(st, std::time::Duration::from_millis(100))
+                    .expect("parallel state")
+                    .0;
+            };
+            self.next += 1;
+            st.reading = self.next;
+            self.shared.changed.notify_all();
+            drop(st);
+            match result {
+                Ok(buf) => self.current = Some((buf, 0)),
+                Err(msg) => return Err(io::Error::other(msg)),
+            }
+        }
+    }
+}
+
+impl Drop for Parallel {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock().expect("parallel state");
+        st.cancel = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, Some(1000))));
+        assert_eq!(parse_content_range("bytes 100-199/*"), Some((100, None)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+}
