@@ -1,7 +1,10 @@
 //! Test support: OCI image layouts written the way `oras` and `skopeo` write
-//! them, a runner for the built binary, and deterministic incompressible data.
+//! them, a runner for the built binary, deterministic incompressible data,
+//! and (in `httpd`) a scriptable HTTP server.
 
 #![allow(dead_code)]
+
+pub mod httpd;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
