@@ -192,6 +192,8 @@ struct SourceFlags<'a> {
 
 /// Environment variable with comma-separated mirror URLs.
 pub const ENV_MIRRORS: &str = "CLOUDIMG_MIRRORS";
+/// Environment variable overriding the bytes per range request (tuning).
+pub const ENV_CHUNK: &str = "CLOUDIMG_CHUNK_SIZE";
 
 fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
     let platform = f.platform.map(parse_platform).transpose()?;
@@ -240,16 +242,26 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
     if f.stall_timeout == 0 {
         return Err(Error::Other("--stall-timeout must be at least 1 second".into()));
     }
+    let defaults = RegistryOptions::default();
+    let chunk_size = match std::env::var(ENV_CHUNK) {
+        Ok(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n >= 4096)
+            .ok_or_else(|| Error::Other(format!("{ENV_CHUNK}={v:?}: want a byte count >= 4096")))?,
+        Err(_) => defaults.chunk_size,
+    };
     Ok(SourceOptions {
         platform,
         registry: RegistryOptions {
+            chunk_size,
             plain_http: f.plain_http,
             credentials,
             mirrors,
             retries: f.retries,
             stall_timeout: Duration::from_secs(f.stall_timeout),
             connections: f.connections,
-            ..RegistryOptions::default()
+            ..defaults
         },
     })
 }
