@@ -13,6 +13,8 @@ use std::process::{Command, Output, Stdio};
 use cloudimg::digest::{Algorithm, Digest};
 use serde_json::{Value, json};
 
+pub mod registry;
+
 pub const QCOW2_PART: &str = "application/vnd.cocoonstack.disk.qcow2.part";
 pub const RAW: &str = "application/vnd.cocoonstack.disk.raw";
 pub const OS_IMAGE: &str = "application/vnd.cocoonstack.os-image.v1+json";
