@@ -205,7 +205,9 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
                 .map_err(|e| Error::io("reading the password from stdin", e))?;
             let password = password.trim_end_matches(['\n', '\r']);
             if password.is_empty() {
-                return Err(Error::Other("--password-stdin: stdin held no password".into()));
+                return Err(Error::Other(
+                    "--password-stdin: stdin held no password".into(),
+                ));
             }
             Some(Credentials {
                 username: user.to_owned(),
@@ -240,16 +242,17 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
         return Err(Error::Other("--connections must be at least 1".into()));
     }
     if f.stall_timeout == 0 {
-        return Err(Error::Other("--stall-timeout must be at least 1 second".into()));
+        return Err(Error::Other(
+            "--stall-timeout must be at least 1 second".into(),
+        ));
     }
-    let defaults = RegistryOptions::default();
     let chunk_size = match std::env::var(ENV_CHUNK) {
         Ok(v) => v
             .parse::<u64>()
             .ok()
             .filter(|&n| n >= 4096)
             .ok_or_else(|| Error::Other(format!("{ENV_CHUNK}={v:?}: want a byte count >= 4096")))?,
-        Err(_) => defaults.chunk_size,
+        Err(_) => RegistryOptions::default().chunk_size,
     };
     Ok(SourceOptions {
         platform,
@@ -261,7 +264,6 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
             retries: f.retries,
             stall_timeout: Duration::from_secs(f.stall_timeout),
             connections: f.connections,
-            ..defaults
         },
     })
 }

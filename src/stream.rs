@@ -201,9 +201,8 @@ impl StreamPass<'_, '_, '_> {
 }
 
 /// A read error of a stream blob. Sources that speak `io::Read` carry this
-/// crate's own errors inside `io::Error`; those come back out unchanged when
-/// they already say what they are about (a signal, an integrity verdict), and
-/// are prefixed with the layer otherwise.
+/// crate's own errors (which name the layer already) inside `io::Error`;
+/// those come back out unchanged. Other I/O errors get the layer's label.
 fn read_error(label: &str, e: std::io::Error) -> Error {
     if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
         let inner = e
@@ -211,11 +210,7 @@ fn read_error(label: &str, e: std::io::Error) -> Error {
             .expect("checked above")
             .downcast::<Error>()
             .expect("checked above");
-        return match *inner {
-            e @ (Error::Interrupted(_) | Error::Integrity(_)) => e,
-            Error::NotFound(m) => Error::NotFound(format!("{label}: {m}")),
-            other => Error::Other(format!("{label}: {other}")),
-        };
+        return *inner;
     }
     Error::io(format!("{label}: reading"), e)
 }

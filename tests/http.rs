@@ -57,10 +57,10 @@ impl Fixture {
             )
             .header("Docker-Content-Digest", &self.manifest_digest);
         }
-        if let Some(d) = path.strip_prefix("/v2/img/blobs/") {
-            if let Some(b) = self.blobs.get(d) {
-                return blob(Arc::clone(b));
-            }
+        if let Some(d) = path.strip_prefix("/v2/img/blobs/")
+            && let Some(b) = self.blobs.get(d)
+        {
+            return blob(Arc::clone(b));
         }
         Reply::status(404)
     }
@@ -101,7 +101,11 @@ fn assert_ok(out: &Output, want: &[u8]) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.stdout == want, "output differs ({} bytes)", out.stdout.len());
+    assert!(
+        out.stdout == want,
+        "output differs ({} bytes)",
+        out.stdout.len()
+    );
 }
 
 #[test]
@@ -115,7 +119,10 @@ fn plain_registry_single_and_parallel() {
     let ranged = server
         .requests()
         .iter()
-        .filter(|r| r.header("range").is_some_and(|v| v.ends_with(&format!("-{}", 65536 * 2 - 1))))
+        .filter(|r| {
+            r.header("range")
+                .is_some_and(|v| v.ends_with(&format!("-{}", 65536 * 2 - 1)))
+        })
         .count();
     assert!(ranged > 0, "no chunked range requests seen");
 }
@@ -126,7 +133,11 @@ fn bearer_challenge_anonymous_token_is_fetched_once_and_used() {
     let g = Arc::clone(&f);
     let server = Server::start(move |req, _| {
         if req.path() == "/token" {
-            assert!(req.target.contains("scope=repository%3Aimg%3Apull"), "{}", req.target);
+            assert!(
+                req.target.contains("scope=repository%3Aimg%3Apull"),
+                "{}",
+                req.target
+            );
             return Reply::json(200, &serde_json::json!({"token": "tok-123"}));
         }
         if req.header("authorization") != Some("Bearer tok-123") {
@@ -139,7 +150,11 @@ fn bearer_challenge_anonymous_token_is_fetched_once_and_used() {
         g.serve(req, Reply::blob)
     });
     assert_ok(&get(&server, &[]), &f.disk());
-    let tokens = server.requests().iter().filter(|r| r.path() == "/token").count();
+    let tokens = server
+        .requests()
+        .iter()
+        .filter(|r| r.path() == "/token")
+        .count();
     assert_eq!(tokens, 1, "the token is cached for the run");
 }
 
@@ -171,7 +186,14 @@ fn bearer_with_basic_credentials_from_password_stdin() {
     let server = basic_protected(Arc::clone(&f));
     let source = format!("{}/img:v1", server.host());
     let mut child = bin()
-        .args(["get", "-q", &source, "--username", "alice", "--password-stdin"])
+        .args([
+            "get",
+            "-q",
+            &source,
+            "--username",
+            "alice",
+            "--password-stdin",
+        ])
         .env("DOCKER_CONFIG", "/nonexistent")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -184,17 +206,32 @@ fn bearer_with_basic_credentials_from_password_stdin() {
 
     // Wrong password: one clear line, and the password is not in it.
     let mut child = bin()
-        .args(["get", "-q", &source, "--username", "alice", "--password-stdin"])
+        .args([
+            "get",
+            "-q",
+            &source,
+            "--username",
+            "alice",
+            "--password-stdin",
+        ])
         .env("DOCKER_CONFIG", "/nonexistent")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"wrong-pass\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"wrong-pass\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let line = failure(&out);
-    assert!(line.contains("refused") && !line.contains("wrong-pass"), "{line}");
+    assert!(
+        line.contains("refused") && !line.contains("wrong-pass"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -253,7 +290,12 @@ fn cross_origin_redirect_carries_no_authorization() {
     let seen = store.requests();
     assert!(!seen.is_empty());
     for r in &seen {
-        assert_eq!(r.header("authorization"), None, "credentials leaked to {}", r.target);
+        assert_eq!(
+            r.header("authorization"),
+            None,
+            "credentials leaked to {}",
+            r.target
+        );
     }
 }
 
@@ -311,10 +353,10 @@ fn connections_cut_mid_blob_resume_to_identical_output() {
             })
         });
         assert_ok(&get(&server, &["--connections", connections]), &f.disk());
-        let resumed = server
-            .requests()
-            .iter()
-            .any(|r| r.header("range").is_some_and(|v| !v.starts_with("bytes=0-")));
+        let resumed = server.requests().iter().any(|r| {
+            r.header("range")
+                .is_some_and(|v| !v.starts_with("bytes=0-"))
+        });
         assert!(resumed, "no resume request with connections={connections}");
     }
 }
@@ -397,7 +439,10 @@ fn wrong_content_fails_the_digest_check() {
         })
     });
     let line = failure(&get(&server, &[]));
-    assert!(line.contains("digest mismatch") && line.contains(&f.last_digest()), "{line}");
+    assert!(
+        line.contains("digest mismatch") && line.contains(&f.last_digest()),
+        "{line}"
+    );
 }
 
 #[test]
@@ -419,12 +464,21 @@ fn a_server_that_always_stalls_fails_cleanly() {
     let f = Arc::new(fixture());
     let g = Arc::clone(&f);
     let server = Server::start(move |req, _| {
-        g.serve(req, |b| Reply::blob(b).stall_after(100, Duration::from_secs(3)))
+        g.serve(req, |b| {
+            Reply::blob(b).stall_after(100, Duration::from_secs(3))
+        })
     });
     let started = std::time::Instant::now();
     let line = failure(&get(
         &server,
-        &["--connections", "1", "--stall-timeout", "1", "--retries", "1"],
+        &[
+            "--connections",
+            "1",
+            "--stall-timeout",
+            "1",
+            "--retries",
+            "1",
+        ],
     ));
     assert!(line.contains("gave up"), "{line}");
     assert!(started.elapsed() < Duration::from_secs(15));
@@ -473,7 +527,13 @@ fn pull_failing_mid_stream_commits_nothing() {
     });
     let store = tempfile::TempDir::new().unwrap();
     let out = bin()
-        .args(["pull", "-q", "--retries", "1", &format!("{}/img:v1", server.host())])
+        .args([
+            "pull",
+            "-q",
+            "--retries",
+            "1",
+            &format!("{}/img:v1", server.host()),
+        ])
         .env("EPOCH_COCOON_BINARY", standin())
         .env("COCOON_STANDIN_DIR", store.path())
         .env("CLOUDIMG_CHUNK_SIZE", CHUNK)
@@ -486,4 +546,23 @@ fn pull_failing_mid_stream_commits_nothing() {
         .filter(|n| !n.starts_with('.'))
         .collect();
     assert!(committed.is_empty(), "committed {committed:?}");
+}
+
+#[test]
+fn a_blob_missing_from_the_registry_fails_naming_the_layer() {
+    let f = Arc::new(fixture());
+    let last = f.last_digest();
+    let g = Arc::clone(&f);
+    let server = Server::start(move |req, _| {
+        if req.path().ends_with(&last) {
+            return Reply::status(404);
+        }
+        g.serve(req, Reply::blob)
+    });
+    let line = failure(&get(&server, &[]));
+    assert!(
+        line.contains("not found") && line.contains(&f.last_digest()),
+        "{line}"
+    );
+    assert!(line.contains("disk.02.qcow2.part"), "{line}");
 }

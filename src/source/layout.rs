@@ -134,9 +134,10 @@ impl Layout {
 impl Layout {
     /// Read and verify the manifest (or index) a descriptor points at.
     fn read_manifest(&self, desc: &Descriptor) -> Result<(Vec<u8>, Digest)> {
-        let digest: Digest = desc.digest.parse().map_err(|e| {
-            Error::Manifest(format!("index entry for {}: {e}", self.reference))
-        })?;
+        let digest: Digest = desc
+            .digest
+            .parse()
+            .map_err(|e| Error::Manifest(format!("index entry for {}: {e}", self.reference)))?;
         let (file, len) = self.open_file(&digest, "manifest")?;
         if desc.size != u64::MAX && len != desc.size {
             return Err(Error::Integrity(format!(

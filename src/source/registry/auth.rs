@@ -215,13 +215,16 @@ impl CredentialStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
-        let config: DockerConfig = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Other(format!("{}: not a docker config: {e}", path.display()))
-        })?;
-        if let Some(helper) = config.cred_helpers.get(host).or(config.creds_store.as_ref()) {
-            if let Some(c) = run_helper(helper, host)? {
-                return Ok(Some(c));
-            }
+        let config: DockerConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Other(format!("{}: not a docker config: {e}", path.display())))?;
+        let helper = config
+            .cred_helpers
+            .get(host)
+            .or(config.creds_store.as_ref());
+        if let Some(helper) = helper
+            && let Some(c) = run_helper(helper, host)?
+        {
+            return Ok(Some(c));
         }
         let entry = config
             .auths

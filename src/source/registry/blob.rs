@@ -19,6 +19,9 @@ use super::client::{Client, Response, backoff, pause, redact};
 use crate::error::{Error, Result};
 use crate::signals;
 
+/// Bytes a connection must deliver before its failure stops counting.
+const REFILL_AFTER: u64 = 1 << 20;
+
 /// Where a blob can be fetched, and what it must be.
 pub struct BlobFetch {
     pub client: Arc<Client>,
@@ -67,7 +70,13 @@ impl BlobFetch {
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.expect("at least the registry URL is a candidate"))
+        Err(
+            match last_err.expect("at least the registry URL is a candidate") {
+                Error::NotFound(m) => Error::NotFound(format!("{}: {m}", self.label)),
+                Error::Other(m) => Error::Other(format!("{}: {m}", self.label)),
+                e => e,
+            },
+        )
     }
 
     /// Check a response against what was asked for.
@@ -144,8 +153,10 @@ pub struct Resumable {
     /// `None`: read to the end of the body (so an oversized body shows).
     end: Option<u64>,
     current: Option<Opened>,
-    /// Failures in a row without a byte of progress.
+    /// Failures counted against the retry budget.
     failures: u32,
+    /// Bytes delivered since the last failure.
+    progress: u64,
     url: Option<String>,
 }
 
@@ -160,6 +171,7 @@ impl Resumable {
             url: Some(opened.url.clone()),
             current: Some(opened),
             failures: 0,
+            progress: 0,
         })
     }
 
@@ -171,6 +183,7 @@ impl Resumable {
             end: Some(end),
             current: None,
             failures: 0,
+            progress: 0,
             url,
         }
     }
@@ -179,7 +192,9 @@ impl Resumable {
     fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
         let want = match self.end {
             Some(end) if self.pos >= end => return Ok(0),
-            Some(end) => buf.len().min(usize::try_from(end - self.pos).unwrap_or(usize::MAX)),
+            Some(end) => buf
+                .len()
+                .min(usize::try_from(end - self.pos).unwrap_or(usize::MAX)),
             None => buf.len(),
         };
         loop {
@@ -213,7 +228,7 @@ impl Resumable {
                 Ok(0) => self.broken(io::Error::from(io::ErrorKind::UnexpectedEof))?,
                 Ok(n) => {
                     self.pos += n as u64;
-                    self.failures = 0;
+                    self.progress += n as u64;
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -223,15 +238,19 @@ impl Resumable {
     }
 
     /// The connection broke at `pos`: drop it and, budget allowing, pause
-    /// before the next attempt reconnects.
+    /// before the next attempt reconnects. A connection that moved a good
+    /// amount of data before breaking refills the budget; one that keeps
+    /// breaking after a trickle does not.
     fn broken(&mut self, e: io::Error) -> Result<()> {
         self.current = None;
+        if self.progress >= REFILL_AFTER {
+            self.failures = 0;
+        }
+        self.progress = 0;
         if self.failures >= self.fetch.client.retries() {
             return Err(Error::Other(format!(
                 "{}: connection lost at byte {} ({e}); gave up after {} retries",
-                self.fetch.label,
-                self.pos,
-                self.failures
+                self.fetch.label, self.pos, self.failures
             )));
         }
         pause(backoff(self.failures, None))?;
@@ -272,7 +291,7 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    done: BTreeMap<u64, std::result::Result<Vec<u8>, String>>,
+    done: BTreeMap<u64, Result<Vec<u8>>>,
     /// The next chunk a worker may claim.
     claim: u64,
     /// The chunk the reader waits for; workers stay within a window of it.
@@ -303,6 +322,7 @@ impl Parallel {
                 url: url.clone(),
                 current: Some(opened),
                 failures: 0,
+                progress: 0,
             };
             let shared = Arc::new(Shared {
                 state: Mutex::new(State {
@@ -333,6 +353,7 @@ impl Parallel {
             pos: 0,
             end: None,
             failures: 0,
+            progress: 0,
         }))
     }
 
@@ -377,13 +398,17 @@ impl Parallel {
 }
 
 /// Read exactly the chunk's bytes into `buf`.
-fn fill(r: &mut Resumable, mut buf: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+fn fill(r: &mut Resumable, mut buf: Vec<u8>) -> Result<Vec<u8>> {
     let mut at = 0;
     while at < buf.len() {
-        match r.read_some(&mut buf[at..]) {
-            Ok(0) => return Err(format!("{}: chunk ended early", r.fetch.label)),
-            Ok(n) => at += n,
-            Err(e) => return Err(e.to_string()),
+        match r.read_some(&mut buf[at..])? {
+            0 => {
+                return Err(Error::Other(format!(
+                    "{}: range request ended early",
+                    r.fetch.label
+                )));
+            }
+            n => at += n,
         }
     }
     Ok(buf)
@@ -474,7 +499,7 @@ impl Read for Parallel {
             drop(st);
             match result {
                 Ok(buf) => self.current = Some((buf, 0)),
-                Err(msg) => return Err(io::Error::other(msg)),
+                Err(e) => return Err(into_io(e)),
             }
         }
     }
@@ -494,7 +519,10 @@ mod tests {
 
     #[test]
     fn content_ranges() {
-        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, Some(1000))));
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            Some((0, Some(1000)))
+        );
         assert_eq!(parse_content_range("bytes 100-199/*"), Some((100, None)));
         assert_eq!(parse_content_range("bytes */1000"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);

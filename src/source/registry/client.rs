@@ -330,25 +330,22 @@ impl Client {
                 if let Some(c) = &creds {
                     req = req.header("Authorization", c.basic_header().expose());
                 }
-                let resp = req
-                    .call()
-                    .map_err(|e| transport_failure(&token_url, e))?;
+                let resp = req.call().map_err(|e| transport_failure(&token_url, e))?;
                 let status = resp.status();
                 if !status.is_success() {
-                    let what = if status == StatusCode::UNAUTHORIZED
-                        || status == StatusCode::FORBIDDEN
-                    {
-                        Failure::Fatal(Error::Other(format!(
-                            "token realm {realm_origin} refused the request (HTTP {status}){}",
-                            if creds.is_some() {
-                                ": check the credentials"
-                            } else {
-                                "; credentials may be needed"
-                            }
-                        )))
-                    } else {
-                        status_failure(&token_url, status, None)
-                    };
+                    let what =
+                        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                            Failure::Fatal(Error::Other(format!(
+                                "token realm {realm_origin} refused the request (HTTP {status}){}",
+                                if creds.is_some() {
+                                    ": check the credentials"
+                                } else {
+                                    "; credentials may be needed"
+                                }
+                            )))
+                        } else {
+                            status_failure(&token_url, status, None)
+                        };
                     return Err(what);
                 }
                 let body = resp
@@ -485,7 +482,10 @@ mod tests {
     #[test]
     fn origins() {
         let o = Origin::of("https://reg.example/v2/").unwrap();
-        assert_eq!((o.scheme.as_str(), o.host(), o.port), ("https", "reg.example", 443));
+        assert_eq!(
+            (o.scheme.as_str(), o.host(), o.port),
+            ("https", "reg.example", 443)
+        );
         let o = Origin::of("http://[::1]:5000/v2/").unwrap();
         assert_eq!((o.host(), o.port), ("::1", 5000));
         assert!(Origin::of("ftp://x/").is_err());
@@ -504,10 +504,19 @@ mod tests {
     #[test]
     fn locations() {
         let base = "http://r:5000/v2/a/blobs/sha256:x?y=1";
-        assert_eq!(resolve_location(base, "https://s3/x?sig=1").unwrap(), "https://s3/x?sig=1");
+        assert_eq!(
+            resolve_location(base, "https://s3/x?sig=1").unwrap(),
+            "https://s3/x?sig=1"
+        );
         assert_eq!(resolve_location(base, "//cdn/x").unwrap(), "http://cdn/x");
-        assert_eq!(resolve_location(base, "/v2/b").unwrap(), "http://r:5000/v2/b");
-        assert_eq!(resolve_location(base, "c").unwrap(), "http://r:5000/v2/a/blobs/c");
+        assert_eq!(
+            resolve_location(base, "/v2/b").unwrap(),
+            "http://r:5000/v2/b"
+        );
+        assert_eq!(
+            resolve_location(base, "c").unwrap(),
+            "http://r:5000/v2/a/blobs/c"
+        );
     }
 
     #[test]
@@ -528,7 +537,10 @@ mod tests {
             let full = full.min(BACKOFF_MAX);
             assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?}");
         }
-        assert_eq!(backoff(3, Some(Duration::from_secs(2))), Duration::from_secs(2));
+        assert_eq!(
+            backoff(3, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("99999"), Some(RETRY_AFTER_MAX));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);

@@ -18,8 +18,8 @@ use super::{Blob, BlobSource, Resolved, choose_platform};
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, Result};
 use crate::manifest::{
-    DiskLayer, Kind, MAX_MANIFEST_BYTES, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Manifest, Platform,
+    DiskLayer, Kind, MAX_MANIFEST_BYTES, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST, Manifest, Platform,
 };
 use crate::reference::Reference;
 
@@ -123,10 +123,7 @@ impl Registry {
         };
         let namespace = Origin::of(&base)?.authority;
         let credentials = CredentialStore {
-            explicit: opts
-                .credentials
-                .clone()
-                .map(|c| (namespace.clone(), c)),
+            explicit: opts.credentials.clone().map(|c| (namespace.clone(), c)),
             ..CredentialStore::from_env()
         };
         let client = Client::new(ClientOptions {
@@ -173,7 +170,11 @@ impl Registry {
 
     /// Fetch a manifest by tag or digest, verifying what can be verified:
     /// the size cap, the pinned digest, and `Docker-Content-Digest`.
-    fn fetch_manifest(&self, reference: &str, pinned: Option<&Digest>) -> Result<(Vec<u8>, Digest)> {
+    fn fetch_manifest(
+        &self,
+        reference: &str,
+        pinned: Option<&Digest>,
+    ) -> Result<(Vec<u8>, Digest)> {
         let mut urls = Vec::new();
         if pinned.is_some() {
             urls.extend(self.mirror_urls("manifests", reference));
@@ -216,7 +217,9 @@ impl Registry {
                 )),
                 e => e,
             })?;
-        if let Some(len) = resp.header("content-length").and_then(|v| v.parse::<u64>().ok())
+        if let Some(len) = resp
+            .header("content-length")
+            .and_then(|v| v.parse::<u64>().ok())
             && len > MAX_MANIFEST_BYTES
         {
             return Err(Error::Manifest(format!(
@@ -296,7 +299,8 @@ impl BlobSource for Registry {
         }
         let child = choose_platform(&top.manifest, self.platform.as_ref())?;
         let child_digest: Digest = child.digest.parse()?;
-        let (bytes, digest) = self.fetch_manifest(&child_digest.to_string(), Some(&child_digest))?;
+        let (bytes, digest) =
+            self.fetch_manifest(&child_digest.to_string(), Some(&child_digest))?;
         let manifest = Manifest::parse(&bytes)?;
         Ok(Resolved {
             reference: self.reference.clone(),

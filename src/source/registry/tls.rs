@@ -35,7 +35,8 @@ pub fn config() -> Result<TlsConfig> {
     }
     if let Some(path) = std::env::var_os(ENV_CA_CERT).filter(|p| !p.is_empty()) {
         let shown = path.to_string_lossy().into_owned();
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("{ENV_CA_CERT}={shown}"), e))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| Error::io(format!("{ENV_CA_CERT}={shown}"), e))?;
         let before = roots.len();
         roots.extend(pem_certs(&bytes));
         if roots.len() == before {
