@@ -26,19 +26,24 @@ use crate::{signals, source};
 #[derive(FromArgs, Debug)]
 #[argh(
     description = "Stream an OCI-packaged cloud image (a VM disk, often split into parts) out of an \
-OCI image layout, verified, into a file, a pipe, or `cocoon image import` — with the kernel doing \
-the copying.",
-    note = "SOURCE is oci:DIR[:TAG] or oci:DIR@sha256:HEX (an OCI image layout; the tag is what \
-follows the last colon unless it holds a '/', so spell the tag out when DIR has a colon: \
-oci:/srv/a:b:latest).\n\
-Environment: EPOCH_COCOON_BINARY (cocoon for `pull`, default `cocoon` on PATH), \
-CLOUDIMG_IO=readwrite (force the portable read/write path).\n\
+OCI registry or image layout, verified, into a file, a pipe, or `cocoon image import` — with the \
+kernel doing the copying.",
+    note = "SOURCE is an OCI image layout, oci:DIR[:TAG] or oci:DIR@sha256:HEX (the tag follows \
+the last colon unless that part holds a '/': spell the tag out when DIR has a colon, \
+oci:/srv/a:b:latest), or a registry reference [HOST[:PORT]/]REPO[:TAG][@DIGEST] (no HOST: \
+relative to $EPOCH_SERVER; https except for loopback hosts and --plain-http).\n\
+Environment: EPOCH_SERVER (default http://127.0.0.1:8080), EPOCH_REGISTRY_TOKEN (bearer for \
+EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon for `pull`), \
+DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
+CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path).\n\
 Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
 130/143 after SIGINT/SIGTERM.",
     example = "{command_name} inspect oci:./win11:25h2\n\
 {command_name} get oci:./win11:25h2 -o win11.qcow2\n\
 {command_name} get oci:./win11:25h2 | qemu-img convert -f qcow2 -O raw /dev/stdin disk.raw\n\
-{command_name} pull oci:./win11:25h2 --name win11"
+{command_name} pull oci:./win11:25h2 --name win11\n\
+{command_name} pull windows/win11:25h2\n\
+{command_name} get ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2"
 )]
 struct Cli {
     #[argh(subcommand)]

@@ -48,7 +48,8 @@ pub struct RegistryOptions {
     pub stall_timeout: Duration,
     /// Concurrent range requests per blob (1 = a single stream).
     pub connections: usize,
-    /// Bytes per range request.
+    /// Bytes per range request. At most `2 × connections` chunks are held in
+    /// memory (32 MiB with the defaults).
     pub chunk_size: u64,
 }
 
@@ -61,7 +62,7 @@ impl Default for RegistryOptions {
             retries: 5,
             stall_timeout: Duration::from_secs(60),
             connections: 4,
-            chunk_size: 8 << 20,
+            chunk_size: 4 << 20,
         }
     }
 }
