@@ -6,14 +6,13 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 
-use crate::digest::Hasher;
 use crate::error::{Error, Result};
 use crate::manifest::{DiskLayer, DiskPlan, Manifest, disk_plan};
 use crate::progress::Progress;
 use crate::signals;
 use crate::sink::Sink;
 use crate::source::{Blob, BlobSource};
-use crate::verify::{self, Job, Verifier};
+use crate::verify::{self, Job, StreamHasher, Verifier};
 use crate::zerocopy::{Copier, Tick};
 
 /// Buffer for stream blobs (network bodies).
@@ -74,6 +73,7 @@ pub fn stream_plan(
     let ahead = source.open_ahead().max(1);
     let mut opened: VecDeque<Blob> = VecDeque::new();
     let mut buf = Vec::new();
+    let mut stream_hasher: Option<StreamHasher> = None;
 
     for (slot, layer) in plan.layers.iter().enumerate() {
         // Keep this blob and up to `ahead` more open; hash file blobs as
@@ -116,7 +116,14 @@ pub fn stream_plan(
                 copier.copy_range(&file, offset, len, &label, &mut tick)?;
             }
             Blob::Stream(mut body) => {
-                let mut hasher = opts.verify.then(|| Hasher::new(layer.digest.algorithm()));
+                let mut hasher = match (&mut stream_hasher, opts.verify) {
+                    (Some(h), true) => Some(h),
+                    (slot, true) => Some(slot.insert(StreamHasher::new(STREAM_BUF)?)),
+                    (_, false) => None,
+                };
+                if let Some(h) = hasher.as_deref_mut() {
+                    h.start(layer.digest.algorithm())?;
+                }
                 let mut pass = StreamPass {
                     label: &label,
                     size: layer.size,
@@ -124,13 +131,9 @@ pub fn stream_plan(
                     buf: &mut buf,
                     tick: &mut tick,
                 };
-                pass.run(&mut *body, |bytes| {
-                    if let Some(h) = hasher.as_mut() {
-                        h.update(bytes);
-                    }
-                })?;
+                pass.run(&mut *body, hasher.as_deref_mut())?;
                 if let Some(h) = hasher {
-                    verify::check(&label, &layer.digest, &h.finish())?;
+                    verify::check(&label, &layer.digest, &h.finish()?)?;
                 }
             }
         }
@@ -154,15 +157,20 @@ struct StreamPass<'a, 's, 'fd> {
 }
 
 impl StreamPass<'_, '_, '_> {
-    /// Copy exactly `size` bytes of `body` into the sink, handing each chunk to
-    /// `inspect` before it is written; more or fewer bytes is an error.
-    fn run(&mut self, body: &mut dyn Read, mut inspect: impl FnMut(&[u8])) -> Result<()> {
+    /// Copy exactly `size` bytes of `body` into the sink. With a hasher, each
+    /// buffer goes to the hashing thread once written, so hashing overlaps
+    /// the next read and write; more or fewer bytes than `size` is an error.
+    fn run(&mut self, body: &mut dyn Read, mut hasher: Option<&mut StreamHasher>) -> Result<()> {
         let label = self.label;
-        self.buf.resize(STREAM_BUF, 0);
         let mut left = self.size;
         while left > 0 {
+            let mut buf = match hasher.as_deref_mut() {
+                Some(h) => h.buffer()?,
+                None => std::mem::take(self.buf),
+            };
+            buf.resize(STREAM_BUF, 0);
             let want = usize::try_from(left).map_or(STREAM_BUF, |l| l.min(STREAM_BUF));
-            let n = match body.read(&mut self.buf[..want]) {
+            let n = match body.read(&mut buf[..want]) {
                 Ok(0) => {
                     return Err(Error::Integrity(format!(
                         "{label}: blob is truncated: ended after {} of {} bytes",
@@ -173,14 +181,21 @@ impl StreamPass<'_, '_, '_> {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {
                     signals::check()?;
-                    continue;
+                    0
                 }
                 Err(e) => return Err(read_error(label, e)),
             };
-            inspect(&self.buf[..n]);
-            self.copier.write_bytes(&self.buf[..n])?;
-            left -= n as u64;
-            (self.tick)(n as u64)?;
+            if n > 0 {
+                self.copier.write_bytes(&buf[..n])?;
+                left -= n as u64;
+            }
+            match hasher.as_deref_mut() {
+                Some(h) => h.feed(buf, n)?,
+                None => *self.buf = buf,
+            }
+            if n > 0 {
+                (self.tick)(n as u64)?;
+            }
         }
         // One more read must find the end: a longer body is not the blob.
         let mut probe = [0u8; 1];

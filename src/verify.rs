@@ -218,3 +218,113 @@ pub fn check(name: &str, expected: &Digest, actual: &Digest) -> Result<()> {
         )))
     }
 }
+
+/// Buffers in flight between the copy and the hashing thread of a stream.
+const STREAM_POOL: usize = 4;
+
+enum StreamMsg {
+    Start(crate::digest::Algorithm),
+    Data(Vec<u8>, usize),
+    Finish,
+}
+
+/// Hashes a stream blob on a thread of its own, in order, while the main
+/// thread goes on reading and writing: a buffer is handed over after it has
+/// been written, and comes back for reuse once hashed. At most
+/// [`STREAM_POOL`] buffers exist.
+pub struct StreamHasher {
+    to_hasher: Option<std::sync::mpsc::SyncSender<StreamMsg>>,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    verdicts: std::sync::mpsc::Receiver<Digest>,
+    allocated: usize,
+    buf_size: usize,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl StreamHasher {
+    pub fn new(buf_size: usize) -> Result<StreamHasher> {
+        let (to_hasher, inbox) = std::sync::mpsc::sync_channel::<StreamMsg>(STREAM_POOL + 2);
+        let (give_back, free) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (verdict, verdicts) = std::sync::mpsc::channel::<Digest>();
+        let handle = std::thread::Builder::new()
+            .name("cloudimg-hash-stream".to_owned())
+            .spawn(move || {
+                signals::block_in_this_thread();
+                let mut hasher = None;
+                for msg in inbox {
+                    match msg {
+                        StreamMsg::Start(alg) => hasher = Some(Hasher::new(alg)),
+                        StreamMsg::Data(buf, len) => {
+                            if let Some(h) = hasher.as_mut() {
+                                h.update(&buf[..len]);
+                            }
+                            let _ = give_back.send(buf);
+                        }
+                        StreamMsg::Finish => {
+                            if let Some(h) = hasher.take() {
+                                let _ = verdict.send(h.finish());
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("starting a hashing thread", e))?;
+        Ok(StreamHasher {
+            to_hasher: Some(to_hasher),
+            free,
+            verdicts,
+            allocated: 0,
+            buf_size,
+            handle: Some(handle),
+        })
+    }
+
+    fn send(&self, msg: StreamMsg) -> Result<()> {
+        self.to_hasher
+            .as_ref()
+            .and_then(|t| t.send(msg).ok())
+            .ok_or_else(|| Error::Other("the hashing thread stopped".to_owned()))
+    }
+
+    /// Begin a blob hashed with `alg`.
+    pub fn start(&self, alg: crate::digest::Algorithm) -> Result<()> {
+        self.send(StreamMsg::Start(alg))
+    }
+
+    /// A buffer to read into: a new one while the pool is not full, else the
+    /// next one the hasher is done with.
+    pub fn buffer(&mut self) -> Result<Vec<u8>> {
+        if let Ok(buf) = self.free.try_recv() {
+            return Ok(buf);
+        }
+        if self.allocated < STREAM_POOL {
+            self.allocated += 1;
+            return Ok(vec![0; self.buf_size]);
+        }
+        self.free
+            .recv()
+            .map_err(|_| Error::Other("the hashing thread stopped".to_owned()))
+    }
+
+    /// Hand over the first `len` bytes of `buf` (already written out).
+    pub fn feed(&self, buf: Vec<u8>, len: usize) -> Result<()> {
+        self.send(StreamMsg::Data(buf, len))
+    }
+
+    /// The digest of everything fed since [`start`](StreamHasher::start).
+    pub fn finish(&self) -> Result<Digest> {
+        self.send(StreamMsg::Finish)?;
+        self.verdicts
+            .recv()
+            .map_err(|_| Error::Other("the hashing thread stopped".to_owned()))
+    }
+}
+
+impl Drop for StreamHasher {
+    fn drop(&mut self) {
+        drop(self.to_hasher.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
