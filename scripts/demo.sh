@@ -46,32 +46,8 @@ say "split the publisher's way and sum the parts"
 
 say "an OCI image layout, as oras copy --to-oci-layout writes it"
 layout=$work/win11
-mkdir -p "$layout/blobs/sha256"
-printf '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
-put_blob() { # FILE -> prints its digest
-    local hex
-    hex=$(sha256sum "$1" | cut -d' ' -f1)
-    cp "$1" "$layout/blobs/sha256/$hex"
-    printf 'sha256:%s' "$hex"
-}
-printf '{}' > "$work/config.json"
-config_digest=$(put_blob "$work/config.json")
-layers=""
-for f in "$work"/parts/win11.qcow2.*.qcow2.part "$work/parts/SHA256SUMS"; do
-    name=$(basename "$f")
-    case $name in
-        SHA256SUMS) type=text/plain ;;
-        *) type=application/vnd.cocoonstack.disk.qcow2.part ;;
-    esac
-    layers+="${layers:+,}{\"mediaType\":\"$type\",\"digest\":\"$(put_blob "$f")\",\"size\":$(stat -c %s "$f"),\"annotations\":{\"org.opencontainers.image.title\":\"$name\"}}"
-done
-cat > "$work/manifest.json" <<JSON
-{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.cocoonstack.os-image.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"$config_digest","size":2},"layers":[$layers],"annotations":{"cocoonstack.disk.format":"qcow2","cocoonstack.disk.reassemble":"cat win11.qcow2.*.qcow2.part > win11.qcow2"}}
-JSON
-manifest_digest=$(put_blob "$work/manifest.json")
-cat > "$layout/index.json" <<JSON
-{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"$manifest_digest","size":$(stat -c %s "$work/manifest.json"),"annotations":{"org.opencontainers.image.ref.name":"25h2"}}]}
-JSON
+scripts/make-layout.sh "$layout" 25h2 application/vnd.cocoonstack.disk.qcow2.part \
+    "$work"/parts/win11.qcow2.*.qcow2.part "$work/parts/SHA256SUMS" >/dev/null
 source="oci:$layout:25h2"
 
 say "cloudimg inspect $source"
