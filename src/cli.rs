@@ -21,6 +21,7 @@ use crate::source::registry::RegistryOptions;
 use crate::source::registry::auth::{Credentials, Secret};
 use crate::source::{SourceOptions, parse_platform};
 use crate::stream::{self, Options};
+use crate::zerocopy::Sparse;
 use crate::{signals, source};
 
 #[derive(FromArgs, Debug)]
@@ -140,6 +141,11 @@ to write to a terminal."
         /// no progress, no summary line
         #[argh(switch, short = 'q')]
         quiet: bool,
+        /// zero blocks become holes in a regular-file output: auto (raw disks, except
+        /// blobs on the output's own file system, which are copied in the kernel),
+        /// always, never (default auto)
+        #[argh(option, default = "String::from(\"auto\")")]
+        sparse: String,
     }
 }
 
@@ -332,7 +338,19 @@ fn get(a: GetArgs) -> Result<()> {
     let source = source::open(&reference, &a.source_options()?)?;
     let resolved = source.resolve()?;
     let plan = disk_plan(&resolved.manifest)?;
-    let opts = options(a.no_verify);
+    let opts = Options {
+        sparse: match a.sparse.as_str() {
+            "auto" => Sparse::Auto,
+            "always" => Sparse::Always,
+            "never" => Sparse::Never,
+            other => {
+                return Err(Error::Other(format!(
+                    "--sparse {other:?}: expected auto, always or never"
+                )));
+            }
+        },
+        ..options(a.no_verify)
+    };
     let mut progress = Progress::new(plan.total, a.quiet);
     let result = match &a.output {
         Some(path) => Output::open(path).and_then(|out| {

@@ -7,13 +7,13 @@ use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 
 use crate::error::{Error, Result};
-use crate::manifest::{DiskLayer, DiskPlan, Manifest, disk_plan};
+use crate::manifest::{DiskLayer, DiskPlan, Format, Manifest, disk_plan};
 use crate::progress::Progress;
 use crate::signals;
 use crate::sink::Sink;
 use crate::source::{Blob, BlobSource};
 use crate::verify::{self, Job, StreamHasher, Verifier};
-use crate::zerocopy::{Copier, Tick};
+use crate::zerocopy::{Copier, Sparse, Tick};
 
 /// Buffer for stream blobs (network bodies).
 const STREAM_BUF: usize = 1 << 20;
@@ -25,6 +25,9 @@ pub struct Options {
     pub verify: bool,
     /// Hashing threads for file-range blobs.
     pub hash_threads: usize,
+    /// Zero blocks as holes in a regular-file output. `Auto` applies to raw
+    /// disks only (a qcow2's zeros are rare and its layout is its own).
+    pub sparse: Sparse,
 }
 
 impl Default for Options {
@@ -32,6 +35,7 @@ impl Default for Options {
         Options {
             verify: true,
             hash_threads: verify::default_threads(),
+            sparse: Sparse::Auto,
         }
     }
 }
@@ -70,6 +74,10 @@ pub fn stream_plan(
 ) -> Result<()> {
     let mut verifier = Verifier::new(opts.hash_threads);
     let mut copier = Copier::new(sink);
+    copier.set_sparse(match (opts.sparse, plan.format) {
+        (Sparse::Auto, Format::Qcow2) => Sparse::Never,
+        (mode, _) => mode,
+    })?;
     let ahead = source.open_ahead().max(1);
     let mut opened: VecDeque<Blob> = VecDeque::new();
     let mut buf = Vec::new();
@@ -138,6 +146,7 @@ pub fn stream_plan(
             }
         }
     }
+    copier.finish()?;
     verifier.finish()?;
     signals::check()
 }

@@ -39,6 +39,33 @@ pub struct Copier<'s, 'fd> {
     buf: Vec<u8>,
     /// Our own pipe for [`Strategy::SpliceViaPipe`], made on first use.
     pipe: Option<(OwnedFd, OwnedFd)>,
+    /// When zero blocks become holes (regular-file sinks only).
+    sparse: Sparse,
+    /// The output's device, to tell whether a blob shares its file system.
+    out_dev: Option<u64>,
+    /// A hole was skipped at the end: the file must be extended at finish.
+    skipped: bool,
+}
+
+/// Whether zero blocks of the disk become holes in a regular-file output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparse {
+    /// Never: every byte is written.
+    Never,
+    /// Holes, except for blobs on the output's own file system: there an
+    /// in-kernel copy (a reflink where possible) costs no new space or less
+    /// time than reading and scanning.
+    Auto,
+    /// Holes for every zero block, whatever the source.
+    Always,
+}
+
+/// The granularity of holes: a file-system block.
+const HOLE_BLOCK: usize = 4096;
+
+fn is_zero(block: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { block.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 fn falls_back(e: Errno) -> bool {
@@ -55,7 +82,83 @@ impl<'s, 'fd> Copier<'s, 'fd> {
             current: 0,
             buf: Vec::new(),
             pipe: None,
+            sparse: Sparse::Never,
+            out_dev: None,
+            skipped: false,
         }
+    }
+
+    /// Make zero blocks holes, as `mode` says, when the sink is a regular
+    /// file positioned at its end (so a skipped block reads back as zeros).
+    pub fn set_sparse(&mut self, mode: Sparse) -> Result<()> {
+        if mode == Sparse::Never || self.sink.kind() != crate::sink::SinkKind::File {
+            return Ok(());
+        }
+        let out = self.sink.fd();
+        let st =
+            rustix::fs::fstat(out).map_err(|e| Error::io("inspecting the output", e.into()))?;
+        let pos = rustix::fs::seek(out, rustix::fs::SeekFrom::Current(0))
+            .map_err(|e| Error::io("inspecting the output", e.into()))?;
+        if pos >= st.st_size as u64 {
+            self.sparse = mode;
+            self.out_dev = Some(st.st_dev);
+        }
+        Ok(())
+    }
+
+    /// Whether this blob's zero blocks become holes.
+    fn sparse_for(&self, file: &File) -> bool {
+        match self.sparse {
+            Sparse::Never => false,
+            Sparse::Always => true,
+            Sparse::Auto => rustix::fs::fstat(file).is_ok_and(|st| Some(st.st_dev) != self.out_dev),
+        }
+    }
+
+    /// Finish the output: a file that ends in a hole gets its full length.
+    pub fn finish(&mut self) -> Result<()> {
+        if !self.skipped {
+            return Ok(());
+        }
+        let out = self.sink.fd();
+        let pos = rustix::fs::seek(out, rustix::fs::SeekFrom::Current(0))
+            .map_err(|e| Error::io("finishing the output", e.into()))?;
+        rustix::fs::ftruncate(out, pos).map_err(|e| Error::io("finishing the output", e.into()))
+    }
+
+    /// Write `bytes` with zero blocks (aligned to the output offset) skipped
+    /// by seeking over them.
+    fn write_sparse(&mut self, bytes: &[u8]) -> std::result::Result<(), Errno> {
+        let out = self.sink.fd();
+        let pos = rustix::fs::seek(out, rustix::fs::SeekFrom::Current(0))?;
+        let mut at = 0usize;
+        // The first block ends at the next block boundary of the output.
+        let mut end = (HOLE_BLOCK - (pos as usize % HOLE_BLOCK)).min(bytes.len());
+        let mut data_from: Option<usize> = None;
+        while at < bytes.len() {
+            let zero = end - at == HOLE_BLOCK && is_zero(&bytes[at..end]);
+            match (zero, data_from) {
+                (true, Some(from)) => {
+                    write_all(out, &bytes[from..at])?;
+                    data_from = None;
+                    rustix::fs::seek(out, rustix::fs::SeekFrom::Current(HOLE_BLOCK as i64))?;
+                    self.skipped = true;
+                }
+                (true, None) => {
+                    rustix::fs::seek(out, rustix::fs::SeekFrom::Current(HOLE_BLOCK as i64))?;
+                    self.skipped = true;
+                }
+                (false, None) => data_from = Some(at),
+                (false, Some(_)) => {}
+            }
+            at = end;
+            end = (at + HOLE_BLOCK).min(bytes.len());
+        }
+        if let Some(from) = data_from {
+            write_all(out, &bytes[from..])?;
+            self.skipped = false;
+        }
+        Ok(())
     }
 
     /// The strategy in use now (it can change after a fallback).
@@ -74,8 +177,13 @@ impl<'s, 'fd> Copier<'s, 'fd> {
         tick: Tick<'_>,
     ) -> Result<()> {
         let mut left = len;
+        let sparse = self.sparse_for(file);
         while left > 0 {
-            let strategy = self.strategy();
+            let strategy = if sparse {
+                Strategy::ReadWrite
+            } else {
+                self.strategy()
+            };
             match self.step(strategy, file, offset, left) {
                 Ok(0) => {
                     return Err(Error::Integrity(format!(
@@ -135,7 +243,14 @@ impl<'s, 'fd> Copier<'s, 'fd> {
                         r => break r?,
                     }
                 };
-                write_all(out, &self.buf[..got])?;
+                if self.sparse != Sparse::Never {
+                    let buf = std::mem::take(&mut self.buf);
+                    let written = self.write_sparse(&buf[..got]);
+                    self.buf = buf;
+                    written?;
+                } else {
+                    write_all(out, &self.buf[..got])?;
+                }
                 Ok(got)
             }
         }
@@ -178,7 +293,12 @@ impl<'s, 'fd> Copier<'s, 'fd> {
 
     /// Write a byte slice (from a stream blob) into the sink.
     pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
-        write_all(self.sink.fd(), bytes).map_err(|e| match e {
+        let written = if self.sparse == Sparse::Never {
+            write_all(self.sink.fd(), bytes)
+        } else {
+            self.write_sparse(bytes)
+        };
+        written.map_err(|e| match e {
             Errno::INTR => signals::check().err().unwrap_or(Error::Interrupted(0)),
             e => Error::io("writing the output", e.into()),
         })

@@ -496,3 +496,68 @@ fn sigint_while_blocked_on_a_full_pipe_exits_130() {
     assert_eq!(status.code(), Some(130), "{err}");
     assert_eq!(err.trim(), "cloudimg: interrupted by SIGINT");
 }
+
+/// A raw disk that is mostly zeros: 64 KiB of noise every MiB, 8 MiB in all,
+/// split into parts whose boundaries are not block-aligned.
+fn sparse_fixture() -> (TempDir, LayoutDir, Image, usize) {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    let mut disk = vec![0u8; 8 << 20];
+    for (i, mb) in disk.chunks_mut(1 << 20).enumerate() {
+        mb[4096..4096 + (64 << 10)].copy_from_slice(&data(64 << 10, 100 + i as u64));
+    }
+    disk[(8 << 20) - 1] = 0; // ends in a hole
+    let mut image = Image::split(&disk, 3_000_001);
+    for l in &mut image.layers {
+        if l.media_type == QCOW2_PART {
+            l.media_type = "application/vnd.cocoonstack.disk.raw.part".to_owned();
+        }
+    }
+    layout.put_image(Some("v1"), &image);
+    (tmp, layout, image, 8 * (64 << 10))
+}
+
+#[test]
+fn sparse_always_makes_holes_and_keeps_the_bytes() {
+    use std::os::unix::fs::MetadataExt;
+    let (tmp, layout, image, data_bytes) = sparse_fixture();
+    for mode in ["always", "never"] {
+        let target = tmp.path().join(format!("disk-{mode}.raw"));
+        let out = run(&[
+            "get",
+            "-q",
+            "--sparse",
+            mode,
+            &layout.source("v1"),
+            "-o",
+            target.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            std::fs::read(&target).unwrap() == expected_disk(&image),
+            "{mode}"
+        );
+        let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
+        if mode == "always" {
+            assert!(
+                allocated <= (data_bytes as u64) * 11 / 10 + (64 << 10),
+                "allocated {allocated} for {data_bytes} bytes of data"
+            );
+        } else {
+            assert!(allocated >= 8 << 20, "never: allocated only {allocated}");
+        }
+    }
+    let line = failure(&run(&[
+        "get",
+        "--sparse",
+        "maybe",
+        &layout.source("v1"),
+        "-o",
+        "/dev/null",
+    ]));
+    assert!(line.contains("--sparse"), "{line}");
+}

@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# The benchmarks: cloudimg against the tools a user would pick instead, on the
+# same multi-GiB fixture in the same run, interleaved, median of several runs.
+# Writes docs/BENCHMARKS.md (or BENCH_OUT).
+#
+#   scripts/bench.sh            # 4 GiB disk (BENCH_GIB), 5 runs (BENCH_RUNS)
+#   scripts/bench.sh --quick    # 512 MiB, 1 run: a smoke test of the harness
+#
+# Run as root on Debian it installs what it needs (golang-go, gcc,
+# docker-registry, xfsprogs, time, curl). Scenario 4 needs loop devices and
+# mkfs.xfs and is skipped with a message where they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+quick=0
+[ "${1:-}" = --quick ] && quick=1
+if ((quick)); then
+    mib=${BENCH_MIB:-512}
+    runs=${BENCH_RUNS:-1}
+    part_mib=200
+    out_md=${BENCH_OUT:-target/bench/BENCHMARKS-quick.md}
+else
+    mib=${BENCH_MIB:-$(( ${BENCH_GIB:-4} * 1024 ))}
+    runs=${BENCH_RUNS:-5}
+    part_mib=1900
+    out_md=${BENCH_OUT:-docs/BENCHMARKS.md}
+fi
+small_mib=$(( mib / 4 ))          # scenario 6: memory at a quarter of the size
+cap_mib=$(( mib < 1024 ? mib / 2 : 512 ))  # scenario 7: rate-capped, smaller
+sparse_data_mib=$(( mib / 16 ))   # scenario 8: data scattered in a raw disk
+
+work=$repo/target/bench
+bin=$repo/target/release/cloudimg
+peers=$repo/target/bench-bin
+results=$work/results.tsv
+say() { printf '== %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- set-up
+need=()
+for t in go:golang-go gcc:gcc docker-registry:docker-registry curl:curl /usr/bin/time:time; do
+    command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
+done
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+if ((${#need[@]})); then
+    if [ "$(id -u)" = 0 ]; then
+        say "installing ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "bench.sh: missing ${need[*]}" >&2
+        exit 1
+    fi
+fi
+
+say "building cloudimg and the peers"
+cargo build --release --quiet
+benches/peers/build.sh "$peers" 2>/dev/null
+
+mkdir -p "$work"
+rm -f "$results"
+cleanup() {
+    [ -n "${reg_pid:-}" ] && kill "$reg_pid" 2>/dev/null || true
+    [ -n "${cap_pid:-}" ] && kill "$cap_pid" 2>/dev/null || true
+    if [ -n "${xfs_mnt:-}" ] && mountpoint -q "$xfs_mnt"; then umount "$xfs_mnt" || true; fi
+}
+trap cleanup EXIT
+
+# make_image NAME MIB PART_MIB MEDIA_TYPE [sparse]: random disk, split, layout.
+make_image() {
+    local name=$1 size=$2 part=$3 type=$4 sparse=${5:-} dir=$work/$1
+    if [ -f "$dir/.done-$size" ]; then return; fi
+    rm -rf "$dir"
+    mkdir -p "$dir/parts"
+    if [ -n "$sparse" ]; then
+        # Mostly zeros: 1 MiB of noise every 16 MiB.
+        truncate -s "${size}M" "$dir/disk"
+        for ((off = 0; off < size; off += 16)); do
+            head -c 1M /dev/urandom | dd of="$dir/disk" bs=1M seek="$off" conv=notrunc status=none
+        done
+    else
+        head -c "${size}M" /dev/urandom > "$dir/disk"
+    fi
+    (cd "$dir/parts" && split -b "${part}M" -d --additional-suffix=.part ../disk disk. &&
+        sha256sum disk.* > SHA256SUMS)
+    scripts/make-layout.sh "$dir/layout" v1 "$type" "$dir"/parts/disk.*.part "$dir/parts/SHA256SUMS" >/dev/null
+    touch "$dir/.done-$size"
+}
+
+say "fixtures: ${mib} MiB disk in ${part_mib} MiB parts, ${small_mib} MiB, ${cap_mib} MiB, sparse"
+make_image big "$mib" "$part_mib" application/vnd.cocoonstack.disk.raw.part
+make_image small "$small_mib" "$part_mib" application/vnd.cocoonstack.disk.raw.part
+make_image capped "$cap_mib" "$(( cap_mib / 3 + 1 ))" application/vnd.cocoonstack.disk.raw.part
+make_image sparse "$(( sparse_data_mib * 16 ))" "$part_mib" application/vnd.cocoonstack.disk.raw.part sparse
+big=$work/big
+parts=("$big"/parts/disk.*.part)
+layout="oci:$big/layout:v1"
+disk_bytes=$(stat -c %s "$big/disk")
+
+say "a local docker-registry holding the image"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$work/registry"
+cat > "$work/registry/config.yml" <<EOF
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/registry/data}}
+http: {addr: 127.0.0.1:$port}
+EOF
+docker-registry serve "$work/registry/config.yml" > "$work/registry/log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+reg=http://127.0.0.1:$port
+scripts/registry-push.sh "$big/layout" v1 "$reg" bench/disk 2>/dev/null
+regref=127.0.0.1:$port/bench/disk:v1
+# ---------------------------------------------------------------- measuring
+# run SCENARIO NAME BYTES CMD: the wall time of the whole pipeline CMD, and the
+# user+sys CPU and peak RSS of the command wrapped in `T` (cloudimg itself, or
+# the peer's main process).
+run() {
+    local scenario=$1 name=$2 bytes=$3 cmd=$4 t0 t1
+    rm -f "$work/time.out"
+    sync
+    t0=$(date +%s.%N)
+    T="/usr/bin/time -f %U\t%S\t%M -o $work/time.out" bash -c "$cmd" || {
+        echo "bench.sh: $scenario/$name failed: $cmd" >&2
+        exit 1
+    }
+    t1=$(date +%s.%N)
+    local cpu="-	-	-"
+    [ -s "$work/time.out" ] && cpu=$(tail -n 1 "$work/time.out")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$name" "$bytes" "$(echo "$t1 - $t0" | bc)" "$cpu" >> "$results"
+}
+
+mapfile -t digests < <(disk_digests "$big/layout")
+consumer=$peers/consumer
+curl_blobs() { for d in "${digests[@]}"; do printf ' %s/v2/bench/disk/blobs/%s' "$reg" "$d"; done; }
+blob_urls=$(curl_blobs)
+
+for ((r = 1; r <= runs; r++)); do
+    say "round $r of $runs"
+    # 1: layout -> pipe, unverified.
+    run 1 cloudimg "$disk_bytes" "\$T $bin get -q --no-verify $layout | $consumer"
+    run 1 cat "$disk_bytes" "\$T cat ${parts[*]} | $consumer"
+    run 1 splice-ceiling "$disk_bytes" "\$T $peers/splice_ceiling ${parts[*]} | $consumer"
+    # 2: layout -> pipe, verified.
+    run 2 cloudimg "$disk_bytes" "\$T $bin get -q $layout | $consumer"
+    run 2 go-reference "$disk_bytes" "\$T $peers/goref layout $big/layout v1 | $consumer"
+    run 2 cat-tee-sha256sum "$disk_bytes" "\$T cat ${parts[*]} | tee >(sha256sum >/dev/null) | $consumer"
+    # 3: registry -> pipe, verified.
+    run 3 cloudimg "$disk_bytes" "\$T $bin get -q $regref | $consumer"
+    run 3 go-reference "$disk_bytes" "\$T $peers/goref http $reg bench/disk v1 | $consumer"
+    run 3 curl-unverified "$disk_bytes" "\$T curl -sS $blob_urls | $consumer"
+    # 5: end to end: the recipe users follow today, against cloudimg pull.
+    store=$work/store
+    rm -rf "$store" "$work/recipe"
+    mkdir -p "$store" "$work/recipe"
+    run 5 cloudimg-pull "$disk_bytes" "COCOON_STANDIN_DIR=$store EPOCH_COCOON_BINARY=$repo/tests/cocoon-standin.sh \$T $bin pull -q --name disk $regref"
+    rm -rf "$store"
+    mkdir -p "$store"
+    run 5 recipe "$disk_bytes" "cd $work/recipe && \$T bash -c '
+        for d in ${digests[*]}; do curl -sS -o part.\${d#sha256:} $reg/v2/bench/disk/blobs/\$d; done
+        for d in ${digests[*]}; do cat part.\${d#sha256:}; done > disk
+        for d in ${digests[*]}; do echo \"\${d#sha256:}  part.\${d#sha256:}\"; done | sha256sum -c --quiet
+        COCOON_STANDIN_DIR=$store $repo/tests/cocoon-standin.sh image import disk < disk >/dev/null
+        rm -f part.* disk'"
+    rm -rf "$store" "$work/recipe"
+    # 6: memory at two sizes, layout and registry.
+    run 6 cloudimg-layout-small "$(stat -c %s "$work/small/disk")" "\$T $bin get -q oci:$work/small/layout:v1 | $consumer"
+    run 6 cloudimg-layout-big "$disk_bytes" "\$T $bin get -q $layout | $consumer"
+    run 6 cloudimg-registry-big "$disk_bytes" "\$T $bin get -q $regref | $consumer"
+done
+
+# 7: rate-capped object storage (50 MB/s per connection), fewer rounds: slow by design.
+say "scenario 7: rate-capped server"
+"$peers/ratecap" -addr 127.0.0.1:0 -rate 50000000 -dir "$work/capped/layout" > "$work/ratecap.addr" 2>"$work/ratecap.log" &
+cap_pid=$!
+for _ in $(seq 50); do [ -s "$work/ratecap.addr" ] && break; sleep 0.1; done
+cap=$(head -n 1 "$work/ratecap.addr")
+cap=${cap#http://}
+capped_bytes=$(stat -c %s "$work/capped/disk")
+mapfile -t cap_digests < <(disk_digests "$work/capped/layout")
+cap_urls=""
+for d in "${cap_digests[@]}"; do cap_urls+=" http://$cap/v2/capped/blobs/$d"; done
+for ((r = 1; r <= (runs < 3 ? runs : 3); r++)); do
+    run 7 cloudimg "$capped_bytes" "\$T $bin get -q --connections 8 $cap/capped:v1 | $consumer"
+    run 7 curl-unverified "$capped_bytes" "\$T curl -sS $cap_urls | $consumer"
+    run 7 go-reference "$capped_bytes" "\$T $peers/goref http http://$cap capped v1 | $consumer"
+done
+kill "$cap_pid"
+cap_pid=
+
+# 4: layout -> file on XFS with reflinks; 8: sparse raw disk -> file.
+xfs_mnt=$work/xfs
+fs_note=""
+if command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
+    say "scenarios 4 and 8 on a loop-mounted XFS"
+    mkdir -p "$xfs_mnt"
+    rm -f "$work/xfs.img"
+    truncate -s "$(( mib * 4 + 2048 ))M" "$work/xfs.img"
+    mkfs.xfs -q -f -m reflink=1 "$work/xfs.img"
+    mount -o loop "$work/xfs.img" "$xfs_mnt"
+    cp -r "$big/layout" "$xfs_mnt/layout"
+    cp "$big/disk" "$xfs_mnt/disk"
+    cp -r "$work/sparse/layout" "$xfs_mnt/sparse"
+    xfs_parts=()
+    for d in "${digests[@]}"; do xfs_parts+=("$xfs_mnt/layout/blobs/${d/://}"); done
+    for ((r = 1; r <= runs; r++)); do
+        rm -f "$xfs_mnt"/out*
+        run 4 cloudimg "$disk_bytes" "\$T $bin get -q oci:$xfs_mnt/layout:v1 -o $xfs_mnt/out-cloudimg"
+        used=$(du -k "$xfs_mnt/out-cloudimg" | cut -f1)
+        printf '4\tspace-used-kib\t%s\t%s\t-\t-\t-\n' "$disk_bytes" "$used" >> "$results"
+        run 4 cat "$disk_bytes" "\$T cat ${xfs_parts[*]} > $xfs_mnt/out-cat"
+        run 4 cp "$disk_bytes" "\$T cp $xfs_mnt/disk $xfs_mnt/out-cp"
+        rm -f "$xfs_mnt"/out*
+        sparse_bytes=$(stat -c %s "$work/sparse/disk")
+        run 8 cloudimg "$sparse_bytes" "\$T $bin get -q oci:$xfs_mnt/sparse:v1 -o $xfs_mnt/out-sparse"
+        printf '8\tcloudimg-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse" | cut -f1)" >> "$results"
+        run 8 cat "$sparse_bytes" "\$T cat $work/sparse/parts/disk.*.part > $xfs_mnt/out-sparse-cat"
+        printf '8\tcat-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cat" | cut -f1)" >> "$results"
+        run 8 cp-sparse "$sparse_bytes" "\$T cp --sparse=always $work/sparse/disk $xfs_mnt/out-sparse-cp"
+        printf '8\tcp-sparse-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cp" | cut -f1)" >> "$results"
+        rm -f "$xfs_mnt"/out*
+    done
+    umount "$xfs_mnt"
+else
+    fs_note="Scenarios 4 and 8 were skipped: no loop device or no mkfs.xfs on this machine."
+    say "$fs_note"
+fi
+
+say "writing $out_md"
+mkdir -p "$(dirname "$out_md")"
+python3 scripts/bench-report.py "$results" "$mib" "$runs" "$fs_note" > "$out_md"
+cat "$out_md" >&2
