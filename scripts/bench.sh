@@ -201,19 +201,24 @@ if command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
     mount -o loop "$work/xfs.img" "$xfs_mnt"
     cp -r "$big/layout" "$xfs_mnt/layout"
     cp "$big/disk" "$xfs_mnt/disk"
-    cp -r "$work/sparse/layout" "$xfs_mnt/sparse"
     xfs_parts=()
     for d in "${digests[@]}"; do xfs_parts+=("$xfs_mnt/layout/blobs/${d/://}"); done
     for ((r = 1; r <= runs; r++)); do
         rm -f "$xfs_mnt"/out*
+        # Space the output really takes: the file system's used space grows by
+        # that much (du would count extents shared by a reflink again).
+        sync
+        before=$(df --output=used -k "$xfs_mnt" | tail -n 1)
         run 4 cloudimg "$disk_bytes" "\$T $bin get -q oci:$xfs_mnt/layout:v1 -o $xfs_mnt/out-cloudimg"
-        used=$(du -k "$xfs_mnt/out-cloudimg" | cut -f1)
-        printf '4\tspace-used-kib\t%s\t%s\t-\t-\t-\n' "$disk_bytes" "$used" >> "$results"
+        sync
+        after=$(df --output=used -k "$xfs_mnt" | tail -n 1)
+        printf '4\tspace-used-kib\t%s\t%s\t-\t-\t-\n' "$disk_bytes" "$(( after - before ))" >> "$results"
         run 4 cat "$disk_bytes" "\$T cat ${xfs_parts[*]} > $xfs_mnt/out-cat"
         run 4 cp "$disk_bytes" "\$T cp $xfs_mnt/disk $xfs_mnt/out-cp"
         rm -f "$xfs_mnt"/out*
         sparse_bytes=$(stat -c %s "$work/sparse/disk")
-        run 8 cloudimg "$sparse_bytes" "\$T $bin get -q oci:$xfs_mnt/sparse:v1 -o $xfs_mnt/out-sparse"
+        # The layout lives on another file system, as a download would.
+        run 8 cloudimg "$sparse_bytes" "\$T $bin get -q oci:$work/sparse/layout:v1 -o $xfs_mnt/out-sparse"
         printf '8\tcloudimg-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse" | cut -f1)" >> "$results"
         run 8 cat "$sparse_bytes" "\$T cat $work/sparse/parts/disk.*.part > $xfs_mnt/out-sparse-cat"
         printf '8\tcat-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cat" | cut -f1)" >> "$results"

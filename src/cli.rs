@@ -335,9 +335,6 @@ fn get(a: GetArgs) -> Result<()> {
         ));
     }
     let reference = Reference::parse(&a.source)?;
-    let source = source::open(&reference, &a.source_options()?)?;
-    let resolved = source.resolve()?;
-    let plan = disk_plan(&resolved.manifest)?;
     let opts = Options {
         sparse: match a.sparse.as_str() {
             "auto" => Sparse::Auto,
@@ -351,6 +348,9 @@ fn get(a: GetArgs) -> Result<()> {
         },
         ..options(a.no_verify)
     };
+    let source = source::open(&reference, &a.source_options()?)?;
+    let resolved = source.resolve()?;
+    let plan = disk_plan(&resolved.manifest)?;
     let mut progress = Progress::new(plan.total, a.quiet);
     let result = match &a.output {
         Some(path) => Output::open(path).and_then(|out| {

@@ -373,7 +373,8 @@ impl Parallel {
     fn start(&mut self) {
         self.started = true;
         let window = 2 * self.connections as u64;
-        for _ in 1..self.connections.max(1) {
+        // The first chunk's thread ends with that chunk; these take the rest.
+        for _ in 0..self.connections {
             let shared = Arc::clone(&self.shared);
             let fetch = Arc::clone(&self.fetch);
             let url = self.url.clone();
@@ -381,17 +382,6 @@ impl Parallel {
             std::thread::spawn(move || {
                 signals::block_in_this_thread();
                 worker(&shared, &fetch, url, chunk, chunks, window);
-            });
-        }
-        if self.connections <= 1 {
-            // One connection: the reader's own requests, in order.
-            let shared = Arc::clone(&self.shared);
-            let fetch = Arc::clone(&self.fetch);
-            let url = self.url.clone();
-            let (chunk, chunks) = (self.chunk, self.chunks);
-            std::thread::spawn(move || {
-                signals::block_in_this_thread();
-                worker(&shared, &fetch, url, chunk, chunks, 2);
             });
         }
     }
