@@ -36,6 +36,19 @@ peers=$repo/target/bench-bin
 results=$work/results.tsv
 say() { printf '== %s\n' "$*" >&2; }
 
+# disk_digests LAYOUT_DIR: the disk layers' digests in stream order (by title).
+disk_digests() {
+    python3 - "$1" <<'PY'
+import json, sys
+d = sys.argv[1]
+idx = json.load(open(d + "/index.json"))
+m = json.load(open(d + "/blobs/" + idx["manifests"][0]["digest"].replace(":", "/")))
+disk = [l for l in m["layers"] if ".disk." in l["mediaType"]]
+disk.sort(key=lambda l: l.get("annotations", {}).get("org.opencontainers.image.title", ""))
+print("\n".join(l["digest"] for l in disk))
+PY
+}
+
 # ---------------------------------------------------------------- set-up
 need=()
 for t in go:golang-go gcc:gcc docker-registry:docker-registry curl:curl /usr/bin/time:time; do
@@ -92,6 +105,8 @@ make_image big "$mib" "$part_mib" application/vnd.cocoonstack.disk.raw.part
 make_image small "$small_mib" "$part_mib" application/vnd.cocoonstack.disk.raw.part
 make_image capped "$cap_mib" "$(( cap_mib / 3 + 1 ))" application/vnd.cocoonstack.disk.raw.part
 make_image sparse "$(( sparse_data_mib * 16 ))" "$part_mib" application/vnd.cocoonstack.disk.raw.part sparse
+# cp's input is dense like the parts (zeros written out), not the sparse original.
+[ -f "$work/sparse/dense" ] || cat "$work"/sparse/parts/disk.*.part > "$work/sparse/dense"
 big=$work/big
 parts=("$big"/parts/disk.*.part)
 layout="oci:$big/layout:v1"
@@ -132,6 +147,7 @@ run() {
 }
 
 mapfile -t digests < <(disk_digests "$big/layout")
+((${#digests[@]})) || { echo "bench.sh: no disk layers found in $big/layout" >&2; exit 1; }
 consumer=$peers/consumer
 curl_blobs() { for d in "${digests[@]}"; do printf ' %s/v2/bench/disk/blobs/%s' "$reg" "$d"; done; }
 blob_urls=$(curl_blobs)
@@ -222,7 +238,7 @@ if command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
         printf '8\tcloudimg-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse" | cut -f1)" >> "$results"
         run 8 cat "$sparse_bytes" "\$T cat $work/sparse/parts/disk.*.part > $xfs_mnt/out-sparse-cat"
         printf '8\tcat-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cat" | cut -f1)" >> "$results"
-        run 8 cp-sparse "$sparse_bytes" "\$T cp --sparse=always $work/sparse/disk $xfs_mnt/out-sparse-cp"
+        run 8 cp-sparse "$sparse_bytes" "\$T cp --sparse=always $work/sparse/dense $xfs_mnt/out-sparse-cp"
         printf '8\tcp-sparse-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cp" | cut -f1)" >> "$results"
         rm -f "$xfs_mnt"/out*
     done

@@ -127,36 +127,41 @@ impl<'s, 'fd> Copier<'s, 'fd> {
     }
 
     /// Write `bytes` with zero blocks (aligned to the output offset) skipped
-    /// by seeking over them.
+    /// by seeking over them: one `write` per run of data, one `lseek` per run
+    /// of zero blocks.
     fn write_sparse(&mut self, bytes: &[u8]) -> std::result::Result<(), Errno> {
         let out = self.sink.fd();
         let pos = rustix::fs::seek(out, rustix::fs::SeekFrom::Current(0))?;
+        let mut run_start = 0usize;
+        let mut run_zero: Option<bool> = None;
         let mut at = 0usize;
         // The first block ends at the next block boundary of the output.
         let mut end = (HOLE_BLOCK - (pos as usize % HOLE_BLOCK)).min(bytes.len());
-        let mut data_from: Option<usize> = None;
+        let flush = |from: usize, to: usize, zero: bool| -> std::result::Result<(), Errno> {
+            if zero {
+                rustix::fs::seek(out, rustix::fs::SeekFrom::Current((to - from) as i64))?;
+            } else {
+                write_all(out, &bytes[from..to])?;
+            }
+            Ok(())
+        };
         while at < bytes.len() {
             let zero = end - at == HOLE_BLOCK && is_zero(&bytes[at..end]);
-            match (zero, data_from) {
-                (true, Some(from)) => {
-                    write_all(out, &bytes[from..at])?;
-                    data_from = None;
-                    rustix::fs::seek(out, rustix::fs::SeekFrom::Current(HOLE_BLOCK as i64))?;
-                    self.skipped = true;
+            match run_zero {
+                Some(z) if z != zero => {
+                    flush(run_start, at, z)?;
+                    run_start = at;
                 }
-                (true, None) => {
-                    rustix::fs::seek(out, rustix::fs::SeekFrom::Current(HOLE_BLOCK as i64))?;
-                    self.skipped = true;
-                }
-                (false, None) => data_from = Some(at),
-                (false, Some(_)) => {}
+                _ => {}
             }
+            run_zero = Some(zero);
             at = end;
             end = (at + HOLE_BLOCK).min(bytes.len());
         }
-        if let Some(from) = data_from {
-            write_all(out, &bytes[from..])?;
-            self.skipped = false;
+        if let Some(z) = run_zero {
+            flush(run_start, bytes.len(), z)?;
+            // A trailing hole must be given its length at the end.
+            self.skipped = z;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //!   the same bytes; a `200` (a server that ignores Range) is read forward N
 //!   bytes and then continues. The caller's hash sees every byte once.
 //! - [`Parallel`]: a blob fetched as N concurrent range requests of one chunk
-//!   each into bounded, in-order buffers (at most `2 × N` chunks in memory),
+//!   each into bounded, in-order buffers (at most `N + 2` chunks in memory),
 //!   for object stores and CDNs that cap each connection's rate. Each chunk
 //!   resumes on its own. The caller still reads (and hashes) in order.
 
@@ -372,7 +372,7 @@ impl Parallel {
     /// Start the other workers, on the first read.
     fn start(&mut self) {
         self.started = true;
-        let window = 2 * self.connections as u64;
+        let window = self.connections as u64 + 2;
         // The first chunk's thread ends with that chunk; these take the rest.
         for _ in 0..self.connections {
             let shared = Arc::clone(&self.shared);

@@ -48,8 +48,8 @@ pub struct RegistryOptions {
     pub stall_timeout: Duration,
     /// Concurrent range requests per blob (1 = a single stream).
     pub connections: usize,
-    /// Bytes per range request. At most `2 × connections` chunks are held in
-    /// memory (32 MiB with the defaults).
+    /// Bytes per range request. At most `connections + 2` chunks are held in
+    /// memory (24 MiB with the defaults).
     pub chunk_size: u64,
 }
 
