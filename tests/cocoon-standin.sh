@@ -6,7 +6,16 @@
 # A killed import leaves at most its temporary file, never NAME.
 #
 # COCOON_STANDIN_DELAY=SECONDS sleeps before reading (to hold the pipe full);
-# COCOON_STANDIN_FAIL=1 exits 3 at once without reading (a broken cocoon).
+# COCOON_STANDIN_FAIL=1 exits 3 at once without reading (a broken cocoon);
+# COCOON_STANDIN_PIDFILE=FILE writes the stand-in's pid, which is also its
+#   process group, to FILE first (so a test can check the group is gone);
+# COCOON_STANDIN_QUIT_AFTER=BYTES reads that many bytes, then exits 0 without
+#   committing (an import that gives up early);
+# COCOON_STANDIN_HANG_AFTER=BYTES reads that many bytes, closes stdin and
+#   lingers, then commits what it read (an import that stopped reading: only
+#   killing it keeps a truncated image out of the store);
+# COCOON_STANDIN_EXIT=N reads everything, then exits N without committing
+#   (an import that fails at the end).
 set -u
 if [ "$#" -ne 3 ] || [ "$1" != image ] || [ "$2" != import ]; then
     echo "cocoon-standin: usage: cocoon image import NAME" >&2
@@ -14,13 +23,30 @@ if [ "$#" -ne 3 ] || [ "$1" != image ] || [ "$2" != import ]; then
 fi
 name=$3
 dir=${COCOON_STANDIN_DIR:?COCOON_STANDIN_DIR must name the image store}
+[ -n "${COCOON_STANDIN_PIDFILE:-}" ] && echo $$ > "$COCOON_STANDIN_PIDFILE"
 if [ -n "${COCOON_STANDIN_FAIL:-}" ]; then
     echo "cocoon-standin: refusing the import (COCOON_STANDIN_FAIL)" >&2
     exit 3
 fi
 [ -n "${COCOON_STANDIN_DELAY:-}" ] && sleep "$COCOON_STANDIN_DELAY"
+if [ -n "${COCOON_STANDIN_QUIT_AFTER:-}" ]; then
+    head -c "$COCOON_STANDIN_QUIT_AFTER" > /dev/null
+    exit 0
+fi
 tmp=$(mktemp "$dir/.import-$name.XXXXXX") || exit 1
+if [ -n "${COCOON_STANDIN_HANG_AFTER:-}" ]; then
+    head -c "$COCOON_STANDIN_HANG_AFTER" > "$tmp"
+    exec 0<&-
+    sleep 30
+    mv "$tmp" "$dir/$name"
+    exit 0
+fi
 if cat > "$tmp"; then
+    if [ -n "${COCOON_STANDIN_EXIT:-}" ]; then
+        rm -f "$tmp"
+        echo "cocoon-standin: import failed (COCOON_STANDIN_EXIT)" >&2
+        exit "$COCOON_STANDIN_EXIT"
+    fi
     mv "$tmp" "$dir/$name" || exit 1
     echo "cocoon-standin: imported $name ($(wc -c < "$dir/$name") bytes)"
 else

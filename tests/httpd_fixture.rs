@@ -246,6 +246,25 @@ fn cut_after_closes_mid_body() {
 }
 
 #[test]
+fn reset_after_tears_the_connection_down_with_rst() {
+    let server = Server::start(|_, _| Reply::blob(blob_data()).reset_after(4096));
+    let mut client = Client::connect(&server);
+    client.send("GET", "/blob", &[], b"");
+    let resp = client.head().expect("a response head");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.length, Some(10_000));
+    // Whatever of the 4096 bytes arrives before the reset, the connection
+    // then fails with ECONNRESET: never a clean EOF, never more bytes.
+    let mut body = Vec::new();
+    let err = client
+        .reader
+        .read_to_end(&mut body)
+        .expect_err("a reset, not an orderly close");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(body.len() <= 4096 && body[..] == blob_data()[..body.len()]);
+}
+
+#[test]
 fn stall_after_goes_quiet_then_closes() {
     let pause = Duration::from_millis(200);
     let server = Server::start(move |_, _| Reply::blob(blob_data()).stall_after(10, pause));

@@ -96,6 +96,8 @@ pub enum Reply {
     ///   and drop it: a connection lost mid-blob.
     /// * `stall_after`: after this many body bytes, send nothing for the
     ///   duration while holding the connection open, then close it.
+    /// * `reset`: end a `cut_after` connection with a TCP reset (RST, the
+    ///   client sees `ECONNRESET`) instead of an orderly close (FIN, EOF).
     /// * `declared_len`: send this `Content-Length` instead of the true one.
     ///   If it is larger than the body, the whole body is sent and the
     ///   connection closed (the client sees a short body); if smaller, only
@@ -111,6 +113,7 @@ pub enum Reply {
         honour_range: bool,
         cut_after: Option<u64>,
         stall_after: Option<(u64, Duration)>,
+        reset: bool,
         declared_len: Option<u64>,
         headers: Vec<(String, String)>,
     },
@@ -155,6 +158,7 @@ impl Reply {
             honour_range: true,
             cut_after: None,
             stall_after: None,
+            reset: false,
             declared_len: None,
             headers: Vec::new(),
         }
@@ -169,6 +173,14 @@ impl Reply {
     /// Blob only: close the connection after `n` body bytes.
     pub fn cut_after(mut self, n: u64) -> Reply {
         *self.blob_field("cut_after").1 = Some(n);
+        self
+    }
+
+    /// Blob only: reset the connection (RST) after `n` body bytes: a
+    /// connection torn down by a crashing peer or a middlebox.
+    pub fn reset_after(mut self, n: u64) -> Reply {
+        *self.blob_field("reset_after").1 = Some(n);
+        *self.blob_field("reset_after").4 = true;
         self
     }
 
@@ -206,6 +218,7 @@ impl Reply {
         &mut Option<u64>,
         &mut Option<(u64, Duration)>,
         &mut Option<u64>,
+        &mut bool,
     ) {
         match self {
             Reply::Blob {
@@ -213,8 +226,9 @@ impl Reply {
                 cut_after,
                 stall_after,
                 declared_len,
+                reset,
                 ..
-            } => (honour_range, cut_after, stall_after, declared_len),
+            } => (honour_range, cut_after, stall_after, declared_len, reset),
             _ => panic!("Reply::{method} only applies to Reply::Blob"),
         }
     }
@@ -371,8 +385,14 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         };
         let reply = (shared.handler)(&request, n);
 
-        // A write error means the client went away: just stop.
-        let keep_open = send_reply(reader.get_ref(), &request, &reply).unwrap_or(false);
+        let keep_open = match send_reply(reader.get_ref(), &request, &reply) {
+            Ok(keep_open) => keep_open,
+            // A reply that resets the connection: no orderly shutdown, the
+            // last close (SO_LINGER 0) sends the RST.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
+            // A write error means the client went away: just stop.
+            Err(_) => false,
+        };
         if !keep_open || wants_close(&request.headers) {
             break;
         }
@@ -512,6 +532,8 @@ struct Faults {
     declared_len: Option<u64>,
     cut_after: Option<u64>,
     stall_after: Option<(u64, Duration)>,
+    /// End a cut with RST instead of FIN.
+    reset: bool,
 }
 
 /// Write the reply. Returns whether the connection may serve another request.
@@ -528,6 +550,7 @@ fn send_reply(stream: &TcpStream, request: &Request, reply: &Reply) -> io::Resul
             honour_range,
             cut_after,
             stall_after,
+            reset,
             declared_len,
             headers,
         } => {
@@ -555,6 +578,7 @@ fn send_reply(stream: &TcpStream, request: &Request, reply: &Reply) -> io::Resul
                 declared_len: *declared_len,
                 cut_after: *cut_after,
                 stall_after: *stall_after,
+                reset: *reset,
             };
             send_response(stream, request, status, &headers, body, &faults)
         }
@@ -620,8 +644,39 @@ fn send_response(
             thread::sleep(pause);
             Ok(false)
         }
+        _ if faults.cut_after.is_some() && faults.reset => {
+            set_linger_zero(stream)?;
+            Err(io::Error::from(io::ErrorKind::ConnectionReset))
+        }
         _ if faults.cut_after.is_some() => Ok(false),
         _ => Ok(keep_open),
+    }
+}
+
+/// `SO_LINGER` with a zero timeout: the socket's last close sends a TCP
+/// reset instead of a FIN.
+fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a plain setsockopt on a socket we own, with a pointer to a
+    // correctly sized `linger` that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -221,6 +221,22 @@ impl Registry {
         (r.status, r.headers, r.body)
     }
 
+    /// Where the registry stores the content of blob `digest` (filesystem
+    /// storage: `docker/registry/v2/blobs/ALG/XX/HEX/data`). A test may
+    /// rewrite it to make the registry serve a truncated, oversized or
+    /// corrupted blob: the registry serves whatever the file holds, with the
+    /// file's size as the length.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').expect("ALG:HEX digest");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs")
+            .join(alg)
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
     /// The registry's log so far (its stdout and stderr).
     fn log(&self) -> String {
         read_log(&self.dir.path().join("registry.log"))
