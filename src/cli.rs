@@ -306,6 +306,12 @@ pub fn run(program: &str, args: &[String]) -> i32 {
     match outcome {
         Ok(()) => 0,
         Err(e) => {
+            // A signal stops the run whatever error it caused on the way out
+            // (a connection the watchdog cut, a retry budget it ended).
+            let e = match (e, signals::pending()) {
+                (Error::Interrupted(sig), _) | (_, Some(sig)) => Error::Interrupted(sig),
+                (e, None) => e,
+            };
             let _ = writeln!(std::io::stderr(), "cloudimg: {e}");
             e.exit_code()
         }
