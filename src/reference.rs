@@ -4,6 +4,8 @@
 //!   (skopeo's spelling). The tag is what follows the **last** colon unless that
 //!   part contains a `/`; so a DIR with a colon in it is addressed by spelling
 //!   the tag out (`oci:/srv/a:b:latest`) or by ending DIR with `/` (`oci:/srv/a:b/`).
+//!   A part that starts with a `.` or `..` path component (`oci:DIR:../x`) is
+//!   taken as a tag, and refused: it is never read as a path beside DIR.
 //! - `[HOST[:PORT]/]REPO[:TAG][@DIGEST]` — a repository in an OCI registry. The
 //!   first component is a host when it contains `.` or `:` or is `localhost`;
 //!   otherwise the reference is relative to `EPOCH_SERVER`.
@@ -126,11 +128,20 @@ fn looks_like_digest(s: &str) -> bool {
     })
 }
 
+/// `./…` or `../…` after the last colon: a tag that tries to name a path
+/// (`oci:DIR:../x`), not the rest of a DIR with a colon in it.
+fn climbs(after_colon: &str) -> bool {
+    matches!(after_colon.split('/').next(), Some("." | ".."))
+}
+
 fn parse_layout(rest: &str) -> Result<Reference> {
     let (dir, selector) =
         if let Some((dir, d)) = rest.rsplit_once('@').filter(|(_, d)| looks_like_digest(d)) {
             (dir, Selector::Digest(d.parse()?))
-        } else if let Some((dir, tag)) = rest.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+        } else if let Some((dir, tag)) = rest
+            .rsplit_once(':')
+            .filter(|(_, t)| !t.contains('/') || climbs(t))
+        {
             check_tag(tag)?;
             (dir, Selector::Tag(tag.to_owned()))
         } else {
@@ -345,6 +356,10 @@ mod tests {
             "oci:img@sha256:../../x",
             "oci:img@sha256:ABC",
             "oci:img:-leading-dash",
+            "oci:img:../x",
+            "oci:/srv/img:../../etc",
+            "oci:img:./x",
+            "oci:img:..",
         ] {
             assert!(Reference::parse(s).is_err(), "{s} must be refused");
         }
