@@ -171,6 +171,12 @@ impl Puller<'_> {
                         "cocoon image import {name} exited before the image was complete ({})",
                         describe(status)
                     )),
+                    // cocoon closed its stdin but kept running: it was killed
+                    // above, before it could commit what it had read.
+                    (Error::BrokenPipe(_), None) => Error::Child(format!(
+                        "cocoon image import {name} stopped reading before the image was \
+                         complete (it was killed)"
+                    )),
                     (e, _) => e,
                 })
             }

@@ -130,6 +130,23 @@ enum Failure {
     Fatal(Error),
 }
 
+impl Failure {
+    /// Reword the message of an `Error::Other`, keeping the verdict.
+    fn map(self, f: impl FnOnce(String) -> String) -> Failure {
+        let reword = |e| match e {
+            Error::Other(m) => Error::Other(f(m)),
+            e => e,
+        };
+        match self {
+            Failure::Transient { error, retry_after } => Failure::Transient {
+                error: reword(error),
+                retry_after,
+            },
+            Failure::Fatal(e) => Failure::Fatal(reword(e)),
+        }
+    }
+}
+
 /// The blocking HTTP client of the registry source.
 pub struct Client {
     agent: ureq::Agent,
@@ -245,7 +262,13 @@ impl Client {
                 url = resolve_location(&url, location).map_err(Failure::Fatal)?;
                 continue;
             }
-            if status == StatusCode::UNAUTHORIZED && !challenged.contains(&origin) {
+            if status == StatusCode::UNAUTHORIZED && challenged.contains(&origin) {
+                return Err(Failure::Fatal(Error::Other(format!(
+                    "GET {}: HTTP 401 Unauthorized again after authenticating: access refused",
+                    redact(&url)
+                ))));
+            }
+            if status == StatusCode::UNAUTHORIZED {
                 let challenge = header("www-authenticate").and_then(parse_challenge);
                 challenged.push(origin.clone());
                 match challenge {
@@ -330,7 +353,10 @@ impl Client {
                 if let Some(c) = &creds {
                     req = req.header("Authorization", c.basic_header().expose());
                 }
-                let resp = req.call().map_err(|e| transport_failure(&token_url, e))?;
+                let in_realm = |f: Failure| f.map(|m| format!("token realm {realm_origin}: {m}"));
+                let resp = req
+                    .call()
+                    .map_err(|e| in_realm(transport_failure(&token_url, e)))?;
                 let status = resp.status();
                 if !status.is_success() {
                     let what =
@@ -344,7 +370,7 @@ impl Client {
                                 }
                             )))
                         } else {
-                            status_failure(&token_url, status, None)
+                            in_realm(status_failure(&token_url, status, None))
                         };
                     return Err(what);
                 }
@@ -353,7 +379,7 @@ impl Client {
                     .with_config()
                     .limit(MAX_TOKEN_BYTES)
                     .read_to_vec()
-                    .map_err(|e| transport_failure(&token_url, e))?;
+                    .map_err(|e| in_realm(transport_failure(&token_url, e)))?;
                 let token = serde_json::from_slice::<TokenResponse>(&body)
                     .ok()
                     .and_then(TokenResponse::into_token)
@@ -428,7 +454,13 @@ fn status_failure(url: &str, status: StatusCode, retry_after: Option<Duration>) 
 }
 
 fn transport_failure(url: &str, e: ureq::Error) -> Failure {
-    let error = Error::Other(format!("GET {}: {e}", redact(url)));
+    let error = Error::Other(match e {
+        ureq::Error::Timeout(ureq::Timeout::PerRead) => format!(
+            "GET {}: stalled: nothing received within the stall timeout",
+            redact(url)
+        ),
+        _ => format!("GET {}: {e}", redact(url)),
+    });
     match e {
         ureq::Error::Io(_)
         | ureq::Error::Timeout(_)
