@@ -1,0 +1,1577 @@
+//! The fault matrix of docs/RELIABILITY.md: damaged blobs, misbehaving
+//! registries and token realms, hostile manifests and references, a full
+//! disk, a reader or a cocoon that goes away, and signals.
+//!
+//! Every case ends either with byte-identical output, or with exit status 1
+//! (128+N after signal N) and one `cloudimg: …` line on stderr, nothing
+//! committed by the cocoon stand-in and nothing under the final `-o` name.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::httpd::{Reply, Request, Server};
+use common::registry::Registry;
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// Bytes per range request: small, so that parallel ranges are exercised on
+/// blobs of a few hundred KiB.
+const CHUNK: &str = "65536";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MIB: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------
+// Running the binary and checking the three outcomes.
+
+/// The binary with `args`, no docker credentials, small range chunks and the
+/// extra environment `env`.
+fn cmd(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = bin();
+    c.args(args)
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .env("CLOUDIMG_CHUNK_SIZE", CHUNK)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Images the stand-in committed (its temporary files start with a dot).
+fn committed(store: &Path) -> Vec<String> {
+    names(store)
+        .into_keys()
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+/// `get -q -o DIR/disk.img SOURCE ARGS…` must fail with one line and leave
+/// DIR empty: no file under the final name, no temporary file.
+fn get_fails(source: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out_dir = TempDir::new().unwrap();
+    let target = out_dir.path().join("disk.img");
+    let mut all = vec!["get", "-q", source, "-o", target.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = cmd(&all, env).output().unwrap();
+    let line = failure(&out);
+    println!("get -o: {line}");
+    assert!(out.stdout.is_empty(), "{line}");
+    assert!(
+        names(out_dir.path()).is_empty(),
+        "left under the output directory: {:?} ({line})",
+        names(out_dir.path())
+    );
+    line
+}
+
+/// `pull -q SOURCE ARGS…` into the stand-in must fail with one line and
+/// commit nothing.
+fn pull_fails(source: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let store = TempDir::new().unwrap();
+    let mut all = vec!["pull", "-q", source];
+    all.extend_from_slice(args);
+    let out = cmd(&all, env)
+        .env("EPOCH_COCOON_BINARY", standin())
+        .env("COCOON_STANDIN_DIR", store.path())
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    println!("pull: {line}");
+    assert!(
+        committed(store.path()).is_empty(),
+        "the stand-in committed {:?} ({line})",
+        committed(store.path())
+    );
+    line
+}
+
+/// Both `get -o` and `pull` fail cleanly, each line naming every needle.
+fn fails_everywhere(source: &str, args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    for line in [get_fails(source, args, env), pull_fails(source, args, env)] {
+        for n in needles {
+            assert!(line.contains(n), "{n:?} missing from: {line}");
+        }
+    }
+}
+
+/// `get -q SOURCE ARGS…` through a pipe must give exactly `want`.
+fn get_ok(source: &str, args: &[&str], env: &[(&str, &str)], want: &[u8]) -> Output {
+    let mut all = vec!["get", "-q", source];
+    all.extend_from_slice(args);
+    let out = cmd(&all, env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == want,
+        "output differs ({} bytes, want {})",
+        out.stdout.len(),
+        want.len()
+    );
+    out
+}
+
+/// Wait for `child`, killing it and failing the test after `limit`.
+fn wait_for(child: &mut Child, limit: Duration) -> ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cloudimg still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+fn signal(child: &Child, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+/// Live (not zombie) processes in process group `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID PGRP …"; COMM may hold spaces and parens.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 2 && fields[0] != "Z" && fields[2].parse() == Ok(pgid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The stand-in's process group must be gone (a SIGKILLed process may take
+/// a moment to finish exiting).
+fn assert_group_gone(pgid: i32) {
+    let end = Instant::now() + Duration::from_secs(3);
+    while !group_members(pgid).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "cocoon's process group {pgid} is still alive: {:?}",
+            group_members(pgid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Poll until `pred` holds, for at most `limit`.
+fn wait_until(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !pred() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Images, layouts and a scripted registry.
+
+/// Six parts of 200_003 bytes (each more than two range chunks), plus a
+/// SHA256SUMS text layer, listed in a shuffled order.
+fn six_parts(seed: u64) -> Image {
+    Image::split(&data(6 * 200_003, seed), 200_003)
+}
+
+/// The disk layer titled `disk.NN.qcow2.part`.
+fn part(image: &Image, n: usize) -> &Layer {
+    let title = format!("disk.{n:02}.qcow2.part");
+    image
+        .layers
+        .iter()
+        .find(|l| l.title.as_deref() == Some(title.as_str()))
+        .unwrap()
+}
+
+/// Which part a damage test hits, in stream order.
+const POSITIONS: [(&str, usize); 3] = [("first", 0), ("middle", 2), ("last", 5)];
+
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// One byte short.
+    Truncate,
+    /// One byte too many.
+    Extend,
+    /// Same size, one bit flipped in the middle.
+    Corrupt,
+}
+
+impl Damage {
+    fn apply(self, bytes: &mut Vec<u8>) {
+        match self {
+            Damage::Truncate => {
+                bytes.pop();
+            }
+            Damage::Extend => bytes.push(0),
+            Damage::Corrupt => {
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x10;
+            }
+        }
+    }
+
+    /// What the error line must say.
+    fn says(self) -> &'static str {
+        match self {
+            Damage::Truncate => "truncated",
+            Damage::Extend => "oversized",
+            Damage::Corrupt => "digest mismatch",
+        }
+    }
+
+    fn damage_file(self, path: &Path) {
+        let mut bytes = std::fs::read(path).unwrap();
+        self.apply(&mut bytes);
+        std::fs::write(path, &bytes).unwrap();
+    }
+}
+
+/// A layout in a fresh directory holding `image`'s blobs, with `manifest`
+/// (raw bytes) tagged `latest`.
+fn layout_with(image: &Image, manifest: &[u8]) -> (TempDir, LayoutDir) {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    layout.put_blob(b"{}");
+    for l in &image.layers {
+        layout.put_blob(&l.data);
+    }
+    layout.put_manifest_bytes(Some("latest"), manifest, OCI_MANIFEST);
+    (tmp, layout)
+}
+
+fn manifest_bytes(image: &Image) -> Vec<u8> {
+    serde_json::to_vec(&image.manifest_json()).unwrap()
+}
+
+/// A registry for repository `img` as the scripted server sees it: one
+/// manifest (served for any tag or digest, with its Docker-Content-Digest)
+/// and blobs by digest.
+struct Site {
+    manifest: Vec<u8>,
+    blobs: HashMap<String, Arc<Vec<u8>>>,
+}
+
+impl Site {
+    fn new(image: &Image) -> Site {
+        Site::raw(image, manifest_bytes(image))
+    }
+
+    /// `image`'s blobs, with `manifest` as the manifest, whatever it says.
+    fn raw(image: &Image, manifest: Vec<u8>) -> Site {
+        let mut blobs = HashMap::new();
+        blobs.insert(sha256(b"{}"), Arc::new(b"{}".to_vec()));
+        for l in &image.layers {
+            blobs.insert(sha256(&l.data), Arc::new(l.data.clone()));
+        }
+        Site { manifest, blobs }
+    }
+
+    fn serve(&self, req: &Request, blob: impl Fn(Arc<Vec<u8>>) -> Reply) -> Reply {
+        let path = req.path();
+        if path == "/v2/" {
+            return Reply::status(200);
+        }
+        if path.starts_with("/v2/img/manifests/") {
+            return Reply::bytes(200, OCI_MANIFEST, self.manifest.clone())
+                .header("Docker-Content-Digest", &sha256(&self.manifest));
+        }
+        if let Some(d) = path.strip_prefix("/v2/img/blobs/")
+            && let Some(b) = self.blobs.get(d)
+        {
+            return blob(Arc::clone(b));
+        }
+        Reply::status(404)
+    }
+
+    /// A well-behaved server for this site.
+    fn start(self) -> Server {
+        Server::start(move |req, _| self.serve(req, Reply::blob))
+    }
+}
+
+/// `HOST:PORT/img:v1` on a scripted server.
+fn source_of(server: &Server) -> String {
+    format!("{}/img:v1", server.host())
+}
+
+fn blob_requests(server: &Server) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.path().contains("/blobs/"))
+        .count()
+}
+
+// ---------------------------------------------------------------------------
+// Damaged blobs: truncated, oversized, corrupted — first, middle, last part.
+
+fn layout_damage(damage: Damage) {
+    for (at, n) in POSITIONS {
+        let image = six_parts(10 + n as u64);
+        let (_tmp, layout) = layout_with(&image, &manifest_bytes(&image));
+        let victim = part(&image, n);
+        damage.damage_file(&layout.blob_path(&sha256(&victim.data)));
+        let title = victim.title.clone().unwrap();
+        let src = layout.source("latest");
+        for line in [get_fails(&src, &[], &[]), pull_fails(&src, &[], &[])] {
+            assert!(
+                line.contains(&title) && line.contains(damage.says()),
+                "{damage:?} {at} part: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn layout_part_truncated_first_middle_last() {
+    layout_damage(Damage::Truncate);
+}
+
+#[test]
+fn layout_part_oversized_first_middle_last() {
+    layout_damage(Damage::Extend);
+}
+
+#[test]
+fn layout_part_corrupted_first_middle_last() {
+    layout_damage(Damage::Corrupt);
+}
+
+/// The same damage in a real registry's storage: the registry serves the
+/// damaged file, with its size as Content-Length and Content-Range total.
+fn registry_damage(damage: Damage) {
+    let reg = Registry::start();
+    for (at, n) in POSITIONS {
+        let image = six_parts(20 + n as u64);
+        let repo = format!("img-{at}");
+        reg.push_image(&repo, "v1", &image);
+        let victim = part(&image, n);
+        damage.damage_file(&reg.blob_file(&sha256(&victim.data)));
+        let title = victim.title.clone().unwrap();
+        let src = format!("{}/{repo}:v1", reg.host());
+        for connections in ["1", "4"] {
+            let args = ["--connections", connections, "--retries", "1"];
+            for line in [get_fails(&src, &args, &[]), pull_fails(&src, &args, &[])] {
+                assert!(
+                    line.contains(&title) && line.contains(damage.says()),
+                    "{damage:?} {at} part, {connections} connections: {line}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn registry_part_truncated_first_middle_last() {
+    registry_damage(Damage::Truncate);
+}
+
+#[test]
+fn registry_part_oversized_first_middle_last() {
+    registry_damage(Damage::Extend);
+}
+
+#[test]
+fn registry_part_corrupted_first_middle_last() {
+    registry_damage(Damage::Corrupt);
+}
+
+// ---------------------------------------------------------------------------
+// The network: resets, storms, stalls.
+
+#[test]
+fn connection_resets_at_several_offsets_resume_to_identical_output() {
+    let image = Image::split(&data(3 * 300_001, 30), 300_001);
+    let want = expected_disk(&image);
+    for connections in ["1", "4"] {
+        let site = Site::new(&image);
+        // Each blob's connection is reset (RST, not FIN) once, at its own
+        // absolute offset: at the first byte, inside the second range chunk,
+        // and two bytes before the end.
+        let offsets: HashMap<String, u64> = image
+            .layers
+            .iter()
+            .filter(|l| l.media_type == QCOW2_PART)
+            .zip([1u64, 100_000, 299_999])
+            .map(|(l, at)| (sha256(&l.data), at))
+            .collect();
+        let done = Mutex::new(Vec::<String>::new());
+        let server = Server::start(move |req, _| {
+            site.serve(req, |b| {
+                let digest = req.path().rsplit('/').next().unwrap().to_owned();
+                let (start, end) = match req.range() {
+                    Some((s, e)) => (s, e.unwrap_or(b.len() as u64 - 1)),
+                    None => (0, b.len() as u64 - 1),
+                };
+                let mut done = done.lock().unwrap();
+                match offsets.get(&digest) {
+                    Some(&at) if (start..=end).contains(&at) && !done.contains(&digest) => {
+                        done.push(digest);
+                        Reply::blob(b).reset_after(at - start)
+                    }
+                    _ => Reply::blob(b),
+                }
+            })
+        });
+        get_ok(
+            &source_of(&server),
+            &["--connections", connections],
+            &[],
+            &want,
+        );
+        let resumed = server.requests().iter().any(|r| {
+            r.range()
+                .is_some_and(|(s, _)| s % 65536 != 0 || connections == "1" && s > 0)
+        });
+        assert!(
+            resumed,
+            "no resume after a reset ({connections} connections)"
+        );
+    }
+}
+
+#[test]
+fn connection_resets_beyond_the_retry_budget_fail_cleanly() {
+    let image = Image::split(&data(3 * 300_001, 31), 300_001);
+    let site = Site::new(&image);
+    // Every response is reset after a trickle: no progress refills the budget.
+    let server = Server::start(move |req, _| site.serve(req, |b| Reply::blob(b).reset_after(1000)));
+    for connections in ["1", "4"] {
+        let args = ["--connections", connections, "--retries", "1"];
+        fails_everywhere(
+            &source_of(&server),
+            &args,
+            &[],
+            &[
+                "connection lost",
+                "gave up after 1 retries",
+                "disk.00.qcow2.part",
+            ],
+        );
+    }
+}
+
+#[test]
+fn rate_limit_storm_beyond_the_retry_budget_is_bounded() {
+    let image = Image::split(&data(3 * 300_001, 32), 300_001);
+    let site = Site::new(&image);
+    let server = Server::start(move |req, _| {
+        if req.path().contains("/blobs/") {
+            return Reply::status(429).header("Retry-After", "0");
+        }
+        site.serve(req, Reply::blob)
+    });
+    fails_everywhere(
+        &source_of(&server),
+        &["--retries", "2"],
+        &[],
+        &["429", "gave up after 2 retries", "disk.00.qcow2.part"],
+    );
+    // Two runs, each: one request and two retries for the first blob, then stop.
+    assert_eq!(blob_requests(&server), 2 * 3);
+
+    // On the manifest, with Retry-After honoured between the tries.
+    let server = Server::start(|_, _| Reply::status(429).header("Retry-After", "1"));
+    let started = Instant::now();
+    let line = get_fails(&source_of(&server), &["--retries", "1"], &[]);
+    assert!(
+        line.contains("429") && line.contains("gave up after 1 retries"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 ignored"
+    );
+    assert_eq!(server.requests().len(), 2);
+}
+
+#[test]
+fn server_error_storm_mid_blob_fails_cleanly() {
+    let image = Image::split(&data(3 * 300_001, 33), 300_001);
+    let last = sha256(&part(&image, 2).data);
+    let site = Site::new(&image);
+    // The last part starts well, its connection is cut half-way, and from
+    // then on the server answers only 5xx: a request from byte 0 (the whole
+    // blob, or the first range) is cut at 150_000; a resume or any later
+    // range gets 500, 502, 503 or 504.
+    let server = Server::start(move |req, n| {
+        site.serve(req, |b| {
+            if !req.path().ends_with(&last) {
+                return Reply::blob(b);
+            }
+            match req.range() {
+                None | Some((0, _)) => Reply::blob(b).cut_after(150_000),
+                Some(_) => Reply::status([500, 502, 503, 504][n % 4]),
+            }
+        })
+    });
+    for connections in ["1", "4"] {
+        fails_everywhere(
+            &source_of(&server),
+            &["--connections", connections, "--retries", "1"],
+            &[],
+            &["HTTP 50", "gave up after 1 retries", "disk.02.qcow2.part"],
+        );
+    }
+}
+
+#[test]
+fn a_server_that_never_answers_fails_after_the_stall_timeout() {
+    let server = Server::start(|_, _| {
+        std::thread::sleep(Duration::from_secs(4));
+        Reply::status(503)
+    });
+    let started = Instant::now();
+    let line = get_fails(
+        &source_of(&server),
+        &["--stall-timeout", "1", "--retries", "1"],
+        &[],
+    );
+    assert!(
+        line.contains("manifests/v1: stalled") && line.contains("gave up after 1 retries"),
+        "{line}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "two stalls of 1 s took {took:?}"
+    );
+    assert_eq!(server.requests().len(), 2);
+}
+
+#[test]
+fn a_range_request_stalled_in_parallel_mode_is_resumed() {
+    let image = Image::split(&data(3 * 300_001, 34), 300_001);
+    let want = expected_disk(&image);
+    let middle = sha256(&part(&image, 1).data);
+    let site = Site::new(&image);
+    // The middle part's third request (a range after the probe) goes silent
+    // after 1000 bytes.
+    let server = Server::start(move |req, n| {
+        site.serve(req, |b| match n {
+            2 if req.path().ends_with(&middle) => {
+                Reply::blob(b).stall_after(1000, Duration::from_secs(5))
+            }
+            _ => Reply::blob(b),
+        })
+    });
+    let started = Instant::now();
+    get_ok(
+        &source_of(&server),
+        &["--connections", "4", "--stall-timeout", "1"],
+        &[],
+        &want,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "one stall of 1 s took {:?}",
+        started.elapsed()
+    );
+    // The stalled range was resumed from the byte it reached.
+    let resumed = server
+        .requests()
+        .iter()
+        .any(|r| r.range().is_some_and(|(s, _)| s % 65536 == 1000));
+    assert!(resumed, "no resume from the stalled range");
+}
+
+// ---------------------------------------------------------------------------
+// Auth and redirects.
+
+#[test]
+fn a_registry_refusing_its_own_token_fails_with_bounded_requests() {
+    let server = Server::start(|req, _| {
+        if req.path() == "/token" {
+            return Reply::json(200, &json!({"token": "tok-1"}));
+        }
+        let realm = format!(
+            "Bearer realm=\"http://{}/token\",service=\"test\"",
+            req.header("host").unwrap()
+        );
+        Reply::status(401).header("WWW-Authenticate", &realm)
+    });
+    let line = get_fails(&source_of(&server), &[], &[]);
+    assert!(
+        line.contains("HTTP 401 Unauthorized again after authenticating"),
+        "{line}"
+    );
+    let seen = server.requests();
+    let tokens = seen.iter().filter(|r| r.path() == "/token").count();
+    let manifests = seen.len() - tokens;
+    assert_eq!((tokens, manifests), (1, 2), "one token, one retry with it");
+    let retry = seen.iter().filter(|r| r.path() != "/token").nth(1).unwrap();
+    assert_eq!(retry.header("authorization"), Some("Bearer tok-1"));
+}
+
+/// A registry whose Bearer challenge points at `realm`.
+fn challenging(realm: String) -> Server {
+    Server::start(move |_, _| {
+        Reply::status(401).header(
+            "WWW-Authenticate",
+            &format!("Bearer realm=\"{realm}\",service=\"test\""),
+        )
+    })
+}
+
+#[test]
+fn a_token_realm_refusing_connections_fails_cleanly() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let realm = format!("http://{}/token", closed.local_addr().unwrap());
+    drop(closed);
+    let server = challenging(realm);
+    let line = get_fails(&source_of(&server), &["--retries", "1"], &[]);
+    assert!(
+        line.contains("token realm http://127.0.0.1:") && line.contains("Connection refused"),
+        "{line}"
+    );
+    assert_eq!(server.requests().len(), 2, "one challenge per try");
+}
+
+#[test]
+fn a_token_realm_answering_500_fails_cleanly() {
+    let realm_server = Server::start(|_, _| Reply::status(500));
+    let server = challenging(format!("{}/token", realm_server.url()));
+    let line = get_fails(&source_of(&server), &["--retries", "1"], &[]);
+    assert!(
+        line.contains("token realm http://127.0.0.1:") && line.contains("HTTP 500"),
+        "{line}"
+    );
+    assert_eq!(realm_server.requests().len(), 2);
+}
+
+#[test]
+fn a_cross_origin_redirect_after_a_challenge_leaks_no_credentials() {
+    let image = Image::split(&data(3 * 300_001, 35), 300_001);
+    let want = expected_disk(&image);
+    let site = Arc::new(Site::new(&image));
+    let store_site = Arc::clone(&site);
+    // The object store: blobs at /store/DIGEST, for anyone.
+    let store = Server::start(move |req, _| {
+        match store_site
+            .blobs
+            .get(req.path().trim_start_matches("/store/"))
+        {
+            Some(b) => Reply::blob(Arc::clone(b)),
+            None => Reply::status(404),
+        }
+    });
+    let store_url = store.url();
+    // The registry: basic credentials buy a token; blobs redirect to the store.
+    let registry = Server::start(move |req, _| {
+        if req.path() == "/token" {
+            return match req.header("authorization") {
+                Some("Basic YWxpY2U6czNjcmV0") => Reply::json(200, &json!({"token": "tok-alice"})),
+                _ => Reply::status(401),
+            };
+        }
+        if req.header("authorization") != Some("Bearer tok-alice") {
+            let realm = format!(
+                "Bearer realm=\"http://{}/token\",service=\"test\"",
+                req.header("host").unwrap()
+            );
+            return Reply::status(401).header("WWW-Authenticate", &realm);
+        }
+        if let Some(d) = req.path().strip_prefix("/v2/img/blobs/") {
+            return Reply::redirect(307, &format!("{store_url}/store/{d}?X-Signature=s"));
+        }
+        site.serve(req, Reply::blob)
+    });
+    let mut child = cmd(
+        &[
+            "get",
+            "-q",
+            &source_of(&registry),
+            "--username",
+            "alice",
+            "--password-stdin",
+        ],
+        &[],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == want);
+    // The registry did get the token; the store never saw any credential.
+    assert!(
+        registry
+            .requests()
+            .iter()
+            .any(|r| r.path().contains("/blobs/") && r.header("authorization").is_some())
+    );
+    let at_store = store.requests();
+    assert!(at_store.len() >= 3, "every blob came from the store");
+    for r in &at_store {
+        assert!(
+            r.headers
+                .iter()
+                .all(|(k, v)| !k.eq_ignore_ascii_case("authorization")
+                    && !v.contains("tok-alice")
+                    && !v.contains("YWxpY2U6czNjcmV0")),
+            "credentials reached the other origin: {:?}",
+            r.headers
+        );
+    }
+}
+
+#[test]
+fn a_redirect_loop_between_origins_is_bounded() {
+    let image = Image::split(&data(3 * 300_001, 36), 300_001);
+    let site = Site::new(&image);
+    let hops = Arc::new(Mutex::new(0usize));
+    let back = Arc::new(Mutex::new(String::new()));
+    let (h, b) = (Arc::clone(&hops), Arc::clone(&back));
+    // The other origin sends every request straight back.
+    let mirror = Server::start(move |req, _| {
+        *h.lock().unwrap() += 1;
+        Reply::redirect(302, &format!("{}{}", b.lock().unwrap(), req.target))
+    });
+    let mirror_url = mirror.url();
+    let registry = Server::start(move |req, _| {
+        if req.path().contains("/blobs/") {
+            return Reply::redirect(307, &format!("{mirror_url}{}", req.target));
+        }
+        site.serve(req, Reply::blob)
+    });
+    *back.lock().unwrap() = registry.url();
+    fails_everywhere(
+        &source_of(&registry),
+        &[],
+        &[],
+        &["more than 10 redirects", "disk.00.qcow2.part"],
+    );
+    // Two runs; each follows at most ten hops, five of them on each side.
+    let at_mirror = *hops.lock().unwrap();
+    assert!(
+        (2..=2 * 6).contains(&at_mirror),
+        "{at_mirror} hops at the mirror"
+    );
+    assert!(blob_requests(&registry) <= 2 * 6);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile manifests.
+
+/// Pad a JSON document with trailing spaces to exactly `len` bytes.
+fn padded(mut json: Vec<u8>, len: usize) -> Vec<u8> {
+    assert!(json.len() <= len);
+    json.resize(len, b' ');
+    json
+}
+
+#[test]
+fn layout_manifest_and_index_over_4_mib_are_refused() {
+    let image = six_parts(40);
+    let want = expected_disk(&image);
+    // Exactly 4 MiB is still a manifest…
+    let (_t, layout) = layout_with(&image, &padded(manifest_bytes(&image), 4 * MIB));
+    get_ok(&layout.source("latest"), &[], &[], &want);
+    // …one byte more is not.
+    let (_t, layout) = layout_with(&image, &padded(manifest_bytes(&image), 4 * MIB + 1));
+    fails_everywhere(
+        &layout.source("latest"),
+        &[],
+        &[],
+        &["manifest is larger than the 4194304 byte limit"],
+    );
+    // Nor is an index.json of more than 4 MiB.
+    let (_t, layout) = layout_with(&image, &manifest_bytes(&image));
+    let path = layout.dir.join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    index["annotations"] = json!({"padding": "x".repeat(4 * MIB)});
+    std::fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+    fails_everywhere(
+        &layout.source("latest"),
+        &[],
+        &[],
+        &["index.json is larger than the 4194304 byte limit"],
+    );
+}
+
+#[test]
+fn registry_manifest_over_4_mib_is_refused() {
+    let image = six_parts(41);
+    // The scripted server: exactly 4 MiB passes, one byte more is refused.
+    let server = Site::raw(&image, padded(manifest_bytes(&image), 4 * MIB)).start();
+    get_ok(&source_of(&server), &[], &[], &expected_disk(&image));
+    let server = Site::raw(&image, padded(manifest_bytes(&image), 4 * MIB + 1)).start();
+    fails_everywhere(
+        &source_of(&server),
+        &[],
+        &[],
+        &["4194305 bytes, more than the 4194304 byte limit"],
+    );
+    assert_eq!(blob_requests(&server), 0);
+    // (A real docker-registry refuses to store a manifest over 4 MiB in the
+    // first place: "http: request body too large".)
+}
+
+/// Serve `manifest` for `image` from a layout and from the scripted
+/// registry; both must fail cleanly naming every needle, and the registry
+/// must not be asked for a blob.
+fn manifest_refused_everywhere(image: &Image, manifest: Vec<u8>, needles: &[&str]) {
+    let (_t, layout) = layout_with(image, &manifest);
+    fails_everywhere(&layout.source("latest"), &[], &[], needles);
+    let server = Site::raw(image, manifest).start();
+    fails_everywhere(&source_of(&server), &[], &[], needles);
+    assert_eq!(blob_requests(&server), 0, "a blob was fetched");
+}
+
+#[test]
+fn malformed_manifest_json_is_refused() {
+    let image = six_parts(42);
+    let good = manifest_bytes(&image);
+    for bad in [
+        good[..good.len() / 2].to_vec(),
+        b"not json".to_vec(),
+        b"".to_vec(),
+        [&good[..], b"}"].concat(),
+    ] {
+        manifest_refused_everywhere(&image, bad, &["malformed manifest"]);
+    }
+}
+
+/// A change made to a manifest's JSON.
+type Edit = fn(&mut Value);
+
+#[test]
+fn manifest_fields_of_the_wrong_json_type_are_refused() {
+    let image = six_parts(43);
+    let edits: [(&str, Edit); 8] = [
+        ("size as a string", |m| {
+            m["layers"][0]["size"] = json!("200003")
+        }),
+        ("layers as an object", |m| {
+            m["layers"] = json!({"a": m["layers"][0].clone()})
+        }),
+        ("digest as a number", |m| {
+            m["layers"][0]["digest"] = json!(12345)
+        }),
+        ("annotations as a list", |m| {
+            m["layers"][0]["annotations"] = json!(["org.opencontainers.image.title"])
+        }),
+        ("config as a string", |m| m["config"] = json!("{}")),
+        ("mediaType as a number", |m| m["mediaType"] = json!(2)),
+        ("schemaVersion as a string", |m| {
+            m["schemaVersion"] = json!("2")
+        }),
+        ("the document as a list", |m| *m = json!([m.clone()])),
+    ];
+    for (what, edit) in edits {
+        let mut m = image.manifest_json();
+        edit(&mut m);
+        // Shown with the failure, should this case fail.
+        println!("case: {what}");
+        let bytes = serde_json::to_vec(&m).unwrap();
+        manifest_refused_everywhere(&image, bytes, &["malformed manifest", "invalid type"]);
+    }
+}
+
+#[test]
+fn negative_sizes_are_refused() {
+    let image = six_parts(44);
+    for size in [json!(-1), json!(i64::MIN), json!(-0.5)] {
+        let mut m = image.manifest_json();
+        m["layers"][0]["size"] = size.clone();
+        manifest_refused_everywhere(
+            &image,
+            serde_json::to_vec(&m).unwrap(),
+            &["malformed manifest"],
+        );
+        let mut m = image.manifest_json();
+        m["config"]["size"] = size;
+        manifest_refused_everywhere(
+            &image,
+            serde_json::to_vec(&m).unwrap(),
+            &["malformed manifest"],
+        );
+    }
+}
+
+/// The manifest with the disk part `n`'s size set to `size`.
+fn with_part_size(image: &Image, n: usize, size: Value) -> Vec<u8> {
+    let digest = sha256(&part(image, n).data);
+    let mut m = image.manifest_json();
+    for l in m["layers"].as_array_mut().unwrap() {
+        if l["digest"] == digest.as_str() {
+            l["size"] = size.clone();
+        }
+    }
+    serde_json::to_vec(&m).unwrap()
+}
+
+#[test]
+fn absurd_sizes_fail_cleanly_without_allocating() {
+    let image = six_parts(45);
+    // (Large, but leaving room for the other parts: no 64-bit overflow.)
+    for (n, size) in [
+        (5, 1u64 << 63),
+        (0, u64::MAX - (1 << 32)),
+        (2, (1 << 40) + 3),
+    ] {
+        let shown = size.to_string();
+        let manifest = with_part_size(&image, n, json!(size));
+        // A layout compares the blob's size before reading a byte.
+        let (_t, layout) = layout_with(&image, &manifest);
+        fails_everywhere(
+            &layout.source("latest"),
+            &[],
+            &[],
+            &[
+                "truncated",
+                &format!("expected {shown} bytes, actual 200003 bytes"),
+            ],
+        );
+        // A registry's answer (Content-Length, Content-Range) gives it away.
+        let server = Site::raw(&image, manifest).start();
+        for connections in ["1", "4"] {
+            fails_everywhere(
+                &source_of(&server),
+                &["--connections", connections],
+                &[],
+                &[
+                    "truncated",
+                    &format!("the server has 200003 bytes, the manifest says {shown}"),
+                ],
+            );
+        }
+        // inspect just shows it.
+        let out = cmd(&["inspect", "--json", &layout.source("latest")], &[])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            r["plan"]["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["size"] == size)
+        );
+    }
+    // Beyond 64 bits is not a size at all.
+    let manifest = with_part_size(
+        &image,
+        1,
+        serde_json::from_str("18446744073709551616").unwrap(),
+    );
+    manifest_refused_everywhere(&image, manifest, &["malformed manifest"]);
+}
+
+#[test]
+fn layer_sizes_overflowing_64_bits_are_refused() {
+    let image = six_parts(46);
+    let mut m = image.manifest_json();
+    let mut k = 0;
+    for l in m["layers"].as_array_mut().unwrap() {
+        if l["mediaType"] == QCOW2_PART && k < 2 {
+            l["size"] = json!(1u64 << 63);
+            k += 1;
+        }
+    }
+    manifest_refused_everywhere(
+        &image,
+        serde_json::to_vec(&m).unwrap(),
+        &["disk layer sizes overflow 64 bits"],
+    );
+}
+
+/// Duplicate titles are legal: the stable sort keeps such layers in
+/// manifest order, and the output is their concatenation in that order.
+#[test]
+fn duplicate_titles_stream_in_manifest_order() {
+    let (a, b, c, d) = (
+        data(200_003, 50),
+        data(150_001, 51),
+        data(170_007, 52),
+        data(140_009, 53),
+    );
+    let image = Image {
+        artifact_type: Some(OS_IMAGE.to_owned()),
+        config_media_type: EMPTY_CONFIG.to_owned(),
+        layers: vec![
+            Layer::new(QCOW2_PART, "part.b", a.clone()),
+            Layer::new(QCOW2_PART, "part.a", b.clone()),
+            Layer::new("text/plain", "SHA256SUMS", b"sums\n".to_vec()),
+            Layer::new(QCOW2_PART, "part.b", c.clone()),
+            Layer::new(QCOW2_PART, "part.a", d.clone()),
+        ],
+    };
+    let want = [&b[..], &d, &a, &c].concat();
+    // Not what a sort that ignores manifest order could give.
+    assert!(want != [&d[..], &b, &a, &c].concat() && want != [&b[..], &d, &c, &a].concat());
+
+    let (_t, layout) = layout_with(&image, &manifest_bytes(&image));
+    get_ok(&layout.source("latest"), &[], &[], &want);
+    let server = Site::new(&image).start();
+    for connections in ["1", "4"] {
+        get_ok(
+            &source_of(&server),
+            &["--connections", connections],
+            &[],
+            &want,
+        );
+    }
+    // The plan `inspect` shows is that order.
+    let out = cmd(&["inspect", "--json", &layout.source("latest")], &[])
+        .output()
+        .unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let order: Vec<&str> = r["plan"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, [sha256(&b), sha256(&d), sha256(&a), sha256(&c)]);
+
+    // And pull delivers the same bytes.
+    let store = TempDir::new().unwrap();
+    let out = cmd(
+        &["pull", "-q", "--name", "dup", &layout.source("latest")],
+        &[],
+    )
+    .env("EPOCH_COCOON_BINARY", standin())
+    .env("COCOON_STANDIN_DIR", store.path())
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    assert!(std::fs::read(store.path().join("dup")).unwrap() == want);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile references and digests.
+
+#[test]
+fn tags_that_climb_out_of_the_layout_are_refused() {
+    let tmp = TempDir::new().unwrap();
+    let image = six_parts(60);
+    // Were "img:../x" read as a directory, it would find this layout.
+    let decoy = LayoutDir::new(&tmp.path().join("img:..").join("x"));
+    decoy.put_image(Some("latest"), &image);
+    LayoutDir::new(&tmp.path().join("img")).put_image(Some("latest"), &image);
+    let dir = tmp.path().join("img");
+    for tag in ["../x", "..", "./x", "../../etc/passwd"] {
+        let src = format!("oci:{}:{tag}", dir.display());
+        let line = get_fails(&src, &[], &[]);
+        assert!(
+            line.contains("bad source reference") && line.contains("not a valid tag"),
+            "{src}: {line}"
+        );
+        pull_fails(&src, &[], &[]);
+    }
+    // Registry tags and repositories too, before any request is made.
+    let server = Site::new(&image).start();
+    for src in [
+        format!("{}/img:../x", server.host()),
+        format!("{}/img:..", server.host()),
+        format!("{}/../img:v1", server.host()),
+        format!("{}/img/..:v1", server.host()),
+    ] {
+        let line = get_fails(&src, &[], &[]);
+        assert!(line.contains("bad source reference"), "{src}: {line}");
+    }
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+}
+
+#[test]
+fn registry_digests_that_traverse_paths_are_refused_before_any_request() {
+    let image = six_parts(61);
+    // On the command line.
+    let server = Site::new(&image).start();
+    for digest in ["sha256:../../x", "sha256:..%2f..%2fx", "sha256:/etc/passwd"] {
+        let src = format!("{}/img@{digest}", server.host());
+        let line = get_fails(&src, &[], &[]);
+        assert!(line.contains("bad digest"), "{src}: {line}");
+    }
+    assert!(server.requests().is_empty());
+
+    // In a disk layer of the manifest.
+    let mut m = image.manifest_json();
+    m["layers"][0]["digest"] = json!("sha256:../../../v2/other/blobs/x");
+    let server = Site::raw(&image, serde_json::to_vec(&m).unwrap()).start();
+    fails_everywhere(&source_of(&server), &[], &[], &["bad digest", "../"]);
+    assert_eq!(blob_requests(&server), 0);
+
+    // In an index's entry.
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{
+            "mediaType": OCI_MANIFEST,
+            "digest": "sha256:../../x",
+            "size": 10,
+            "platform": {"os": "linux", "architecture": "amd64"},
+        }, {
+            "mediaType": OCI_MANIFEST,
+            "digest": "sha256:../../y",
+            "size": 10,
+            "platform": {"os": "linux", "architecture": "arm64"},
+        }],
+    }))
+    .unwrap();
+    let server = Site::raw(&image, index).start();
+    fails_everywhere(&source_of(&server), &[], &[], &["bad digest", "../"]);
+    assert_eq!(server.requests().len(), 2, "only the index, once per run");
+}
+
+#[test]
+fn unknown_digest_algorithms_on_a_disk_layer_are_refused_naming_them() {
+    let image = six_parts(62);
+    for (alg, hex_len) in [("sha384", 96), ("blake3", 64), ("md5", 32)] {
+        let digest = format!("{alg}:{}", "a".repeat(hex_len));
+        let mut m = image.manifest_json();
+        m["layers"][2]["digest"] = json!(digest);
+        manifest_refused_everywhere(
+            &image,
+            serde_json::to_vec(&m).unwrap(),
+            &[&format!("unsupported algorithm \"{alg}\"")],
+        );
+    }
+}
+
+#[test]
+fn a_layout_index_without_the_platform_is_refused() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("multi"));
+    let image = six_parts(63);
+    layout.put_blob(b"{}");
+    for l in &image.layers {
+        layout.put_blob(&l.data);
+    }
+    let child = manifest_bytes(&image);
+    let child_digest = layout.put_blob(&child);
+    let entry = |os: &str, arch: &str| {
+        json!({"mediaType": OCI_MANIFEST, "digest": child_digest, "size": child.len(),
+               "platform": {"os": os, "architecture": arch}})
+    };
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [entry("linux", "mips64le"), entry("windows", "amd64")],
+    });
+    layout.put_manifest_bytes(Some("v1"), &serde_json::to_vec(&index).unwrap(), OCI_INDEX);
+    let src = layout.source("v1");
+    // This machine's architecture is not there…
+    fails_everywhere(
+        &src,
+        &[],
+        &[],
+        &[
+            "has no manifest for linux/",
+            "linux/mips64le, windows/amd64",
+        ],
+    );
+    // …nor the one asked for.
+    fails_everywhere(
+        &src,
+        &["--platform", "linux/riscv64"],
+        &[],
+        &["no manifest for linux/riscv64"],
+    );
+    // While a platform it has resolves.
+    get_ok(
+        &src,
+        &["--platform", "linux/mips64le"],
+        &[],
+        &expected_disk(&image),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The output: a full disk, a reader that goes away.
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs {
+    dir: PathBuf,
+    _tmp: TempDir,
+}
+
+impl SmallFs {
+    /// `None` (after saying why) when mounting is not possible here.
+    fn mount(size: &str) -> Option<SmallFs> {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path().join("small");
+        std::fs::create_dir(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallFs { dir, _tmp: tmp }),
+            Ok(o) => {
+                eprintln!(
+                    "skipping: cannot mount a {size} tmpfs ({})",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipping: cannot run mount ({e})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_nothing_under_the_output_name() {
+    let Some(fs) = SmallFs::mount("4m") else {
+        return;
+    };
+    // 8 MiB of disk into a 4 MiB file system.
+    let image = Image::split(&data(8 * MIB, 70), MIB);
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    layout.put_image(Some("latest"), &image);
+    let server = Site::new(&image).start();
+    let target = fs.dir.join("disk.img");
+    let target = target.to_str().unwrap();
+    for (how, src, env) in [
+        ("layout, kernel copy", layout.source("latest"), vec![]),
+        (
+            "layout, read/write",
+            layout.source("latest"),
+            vec![("CLOUDIMG_IO", "readwrite")],
+        ),
+        ("registry", source_of(&server), vec![]),
+    ] {
+        let out = cmd(&["get", "-q", &src, "-o", target], &env)
+            .output()
+            .unwrap();
+        let line = failure(&out);
+        assert!(line.contains("No space left on device"), "{how}: {line}");
+        assert!(
+            names(&fs.dir).is_empty(),
+            "{how}: left {:?}",
+            names(&fs.dir)
+        );
+    }
+    // A cocoon whose store fills up: its exit is reported, nothing committed.
+    let out = cmd(
+        &["pull", "-q", "--name", "big", &layout.source("latest")],
+        &[],
+    )
+    .env("EPOCH_COCOON_BINARY", standin())
+    .env("COCOON_STANDIN_DIR", &fs.dir)
+    .output()
+    .unwrap();
+    // (cocoon's own complaint about the full disk is on stderr too.)
+    let line = our_line(&out);
+    assert!(
+        line.contains("cocoon image import big exited before the image was complete"),
+        "{line}"
+    );
+    assert!(committed(&fs.dir).is_empty());
+}
+
+/// Read the first 1000 bytes of `get`'s stdout, then close the pipe: like
+/// `cloudimg get … | head -c 1000`.
+fn reader_goes_away(src: &str, env: &[(&str, &str)], want: &[u8]) -> String {
+    let mut child = cmd(&["get", "-q", src], env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 1000];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(head[..] == want[..1000]);
+    drop(child.stdout.take());
+    let status = wait_for(&mut child, Duration::from_secs(10));
+    let err = stderr_of(&mut child);
+    let line = failure(&Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err.into_bytes(),
+    });
+    assert!(line.contains("broken pipe"), "{line}");
+    line
+}
+
+#[test]
+fn a_reader_that_goes_away_is_a_broken_pipe() {
+    // Well beyond what a (1 MiB) pipe holds.
+    let image = Image::split(&data(6 * MIB, 71), MIB);
+    let want = expected_disk(&image);
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    layout.put_image(Some("latest"), &image);
+    reader_goes_away(&layout.source("latest"), &[], &want);
+    reader_goes_away(
+        &layout.source("latest"),
+        &[("CLOUDIMG_IO", "readwrite")],
+        &want,
+    );
+    let server = Site::new(&image).start();
+    reader_goes_away(&source_of(&server), &[], &want);
+}
+
+// ---------------------------------------------------------------------------
+// cocoon: missing, broken, quitting, hanging.
+
+/// A 6 MiB image in a layout named `win11`, and an empty store.
+fn pull_setup(seed: u64) -> (TempDir, LayoutDir, PathBuf) {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("win11"));
+    layout.put_image(Some("25h2"), &Image::split(&data(6 * MIB, seed), MIB));
+    let store = tmp.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    (tmp, layout, store)
+}
+
+fn pull_cmd(layout: &LayoutDir, store: &Path, env: &[(&str, &str)]) -> Command {
+    let mut c = cmd(&["pull", "-q", &layout.source("25h2")], env);
+    c.env("EPOCH_COCOON_BINARY", standin())
+        .env("COCOON_STANDIN_DIR", store);
+    c
+}
+
+/// Our one line among cocoon's own stderr.
+fn our_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("cloudimg:")).collect();
+    assert_eq!(ours.len(), 1, "{err}");
+    ours[0].to_owned()
+}
+
+#[test]
+fn a_cocoon_quitting_mid_stream_is_reported() {
+    let (_tmp, layout, store) = pull_setup(80);
+    let out = pull_cmd(&layout, &store, &[("COCOON_STANDIN_QUIT_AFTER", "1000")])
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    assert!(
+        line.contains("cocoon image import win11 exited before the image was complete")
+            && line.contains("exit status 0"),
+        "{line}"
+    );
+    assert!(committed(&store).is_empty());
+}
+
+#[test]
+fn a_cocoon_that_stops_reading_is_killed_with_its_group() {
+    let (tmp, layout, store) = pull_setup(81);
+    let pidfile = tmp.path().join("cocoon.pid");
+    // It closes its stdin after 1000 bytes and would commit them 30 s later.
+    let out = pull_cmd(
+        &layout,
+        &store,
+        &[
+            ("COCOON_STANDIN_HANG_AFTER", "1000"),
+            ("COCOON_STANDIN_PIDFILE", pidfile.to_str().unwrap()),
+        ],
+    )
+    .output()
+    .unwrap();
+    let line = failure(&out);
+    assert!(
+        line.contains("cocoon image import win11 stopped reading before the image was complete"),
+        "{line}"
+    );
+    let pgid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_group_gone(pgid);
+    assert!(committed(&store).is_empty());
+}
+
+#[test]
+fn a_cocoon_failing_at_the_end_is_reported() {
+    let (_tmp, layout, store) = pull_setup(82);
+    let out = pull_cmd(&layout, &store, &[("COCOON_STANDIN_EXIT", "4")])
+        .output()
+        .unwrap();
+    let line = our_line(&out);
+    assert!(
+        line.contains("cocoon image import win11 failed (exit status 4)"),
+        "{line}"
+    );
+    assert!(committed(&store).is_empty());
+}
+
+#[test]
+fn a_cocoon_that_cannot_be_run_is_one_clear_line() {
+    let (tmp, layout, store) = pull_setup(83);
+    let not_executable = tmp.path().join("cocoon");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").unwrap();
+    for binary in [not_executable.as_path(), tmp.path()] {
+        let out = pull_cmd(&layout, &store, &[])
+            .env("EPOCH_COCOON_BINARY", binary)
+            .output()
+            .unwrap();
+        let line = failure(&out);
+        assert!(
+            line.contains(binary.to_str().unwrap())
+                && line.contains("Permission denied")
+                && line.contains("EPOCH_COCOON_BINARY"),
+            "{line}"
+        );
+    }
+    assert!(names(&store).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Signals.
+
+#[test]
+fn sigint_and_sighup_during_pull_kill_the_group_and_commit_nothing() {
+    for (sig, code, name) in [
+        (Signal::SIGINT, 130, "SIGINT"),
+        (Signal::SIGHUP, 129, "SIGHUP"),
+    ] {
+        let (tmp, layout, store) = pull_setup(90);
+        let pidfile = tmp.path().join("cocoon.pid");
+        // The stand-in sleeps before reading: the pipe fills and we block.
+        let mut child = pull_cmd(
+            &layout,
+            &store,
+            &[
+                ("COCOON_STANDIN_DELAY", "30"),
+                ("COCOON_STANDIN_PIDFILE", pidfile.to_str().unwrap()),
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        wait_until(Duration::from_secs(5), "cocoon to start", || {
+            std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        signal(&child, sig);
+        let status = wait_for(&mut child, Duration::from_secs(5));
+        let err = stderr_of(&mut child);
+        assert_eq!(status.code(), Some(code), "{err}");
+        assert_eq!(err.trim(), format!("cloudimg: interrupted by {name}"));
+        let pgid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_group_gone(pgid);
+        assert!(committed(&store).is_empty());
+    }
+}
+
+/// `get -o FILE ARGS…` from a registry whose last blob stalls (longer than
+/// any test); once the temporary file holds data, send `sig`.
+fn signal_during_get_to_a_file(sig: Signal, code: i32, name: &str, args: &[&str]) {
+    let image = Image::split(&data(3 * 300_001, 91), 300_001);
+    let last = sha256(&part(&image, 2).data);
+    let site = Site::new(&image);
+    let server = Server::start(move |req, _| {
+        site.serve(req, |b| {
+            if req.path().ends_with(&last) {
+                Reply::blob(b).stall_after(10_000, Duration::from_secs(30))
+            } else {
+                Reply::blob(b)
+            }
+        })
+    });
+    let out_dir = TempDir::new().unwrap();
+    let target = out_dir.path().join("disk.img");
+    let src = source_of(&server);
+    let mut all = vec!["get", "-q", &src, "-o", target.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut child = cmd(&all, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_until(Duration::from_secs(5), "the temporary file to fill", || {
+        names(out_dir.path()).values().any(|&len| len >= 600_002)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = Instant::now();
+    signal(&child, sig);
+    let status = wait_for(&mut child, Duration::from_secs(10));
+    let took = sent.elapsed();
+    let err = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(code), "{err}");
+    assert_eq!(err.trim(), format!("cloudimg: interrupted by {name}"));
+    assert!(
+        took < Duration::from_secs(5),
+        "{name} took {took:?} to take effect ({args:?})"
+    );
+    assert!(
+        names(out_dir.path()).is_empty(),
+        "left {:?}",
+        names(out_dir.path())
+    );
+}
+
+#[test]
+fn sigint_during_get_to_a_file_leaves_nothing() {
+    signal_during_get_to_a_file(Signal::SIGINT, 130, "SIGINT", &["--connections", "1"]);
+    signal_during_get_to_a_file(Signal::SIGINT, 130, "SIGINT", &["--connections", "4"]);
+}
+
+#[test]
+fn sigterm_during_get_to_a_file_leaves_nothing() {
+    // With no retries left, the connection the signal cut is a failure of
+    // its own; the signal still decides the exit status.
+    signal_during_get_to_a_file(
+        Signal::SIGTERM,
+        143,
+        "SIGTERM",
+        &["--connections", "1", "--retries", "0"],
+    );
+}
