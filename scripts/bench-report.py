@@ -107,7 +107,8 @@ def main():
         w(f"- {note}")
     w("")
     w("CPU and peak RSS are those of the timed process only (cloudimg itself; for a peer, "
-      "its first process). Speed-up = peer wall / cloudimg wall.\n")
+      "its first process). Speed-up = peer wall / cloudimg wall. Peers that write a file "
+      "end with `sync FILE`, as cloudimg makes its output durable before naming it.\n")
     verdicts = []
     for sc in sorted(TITLES):
         if sc not in rows:

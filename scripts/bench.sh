@@ -229,16 +229,18 @@ if command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
         sync
         after=$(df --output=used -k "$xfs_mnt" | tail -n 1)
         printf '4\tspace-used-kib\t%s\t%s\t-\t-\t-\n' "$disk_bytes" "$(( after - before ))" >> "$results"
-        run 4 cat "$disk_bytes" "\$T cat ${xfs_parts[*]} > $xfs_mnt/out-cat"
-        run 4 cp "$disk_bytes" "\$T cp $xfs_mnt/disk $xfs_mnt/out-cp"
+        # cloudimg syncs its output before giving it its name; the peers get
+        # the same `sync FILE` so that all of them end with the data durable.
+        run 4 cat "$disk_bytes" "\$T cat ${xfs_parts[*]} > $xfs_mnt/out-cat && sync $xfs_mnt/out-cat"
+        run 4 cp "$disk_bytes" "\$T cp $xfs_mnt/disk $xfs_mnt/out-cp && sync $xfs_mnt/out-cp"
         rm -f "$xfs_mnt"/out*
         sparse_bytes=$(stat -c %s "$work/sparse/disk")
         # The layout lives on another file system, as a download would.
         run 8 cloudimg "$sparse_bytes" "\$T $bin get -q oci:$work/sparse/layout:v1 -o $xfs_mnt/out-sparse"
         printf '8\tcloudimg-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse" | cut -f1)" >> "$results"
-        run 8 cat "$sparse_bytes" "\$T cat $work/sparse/parts/disk.*.part > $xfs_mnt/out-sparse-cat"
+        run 8 cat "$sparse_bytes" "\$T cat $work/sparse/parts/disk.*.part > $xfs_mnt/out-sparse-cat && sync $xfs_mnt/out-sparse-cat"
         printf '8\tcat-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cat" | cut -f1)" >> "$results"
-        run 8 cp-sparse "$sparse_bytes" "\$T cp --sparse=always $work/sparse/dense $xfs_mnt/out-sparse-cp"
+        run 8 cp-sparse "$sparse_bytes" "\$T cp --sparse=always $work/sparse/dense $xfs_mnt/out-sparse-cp && sync $xfs_mnt/out-sparse-cp"
         printf '8\tcp-sparse-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cp" | cut -f1)" >> "$results"
         rm -f "$xfs_mnt"/out*
     done
