@@ -179,21 +179,26 @@ impl StreamPass<'_, '_, '_> {
             };
             buf.resize(STREAM_BUF, 0);
             let want = usize::try_from(left).map_or(STREAM_BUF, |l| l.min(STREAM_BUF));
-            let n = match body.read(&mut buf[..want]) {
-                Ok(0) => {
-                    return Err(Error::Integrity(format!(
-                        "{label}: blob is truncated: ended after {} of {} bytes",
-                        self.size - left,
-                        self.size
-                    )));
+            // Fill the buffer (a network body hands out what one receive
+            // brought): fewer, larger writes and hand-overs to the hasher.
+            let mut n = 0;
+            while n < want {
+                match body.read(&mut buf[n..want]) {
+                    Ok(0) if n > 0 => break,
+                    Ok(0) => {
+                        return Err(Error::Integrity(format!(
+                            "{label}: blob is truncated: ended after {} of {} bytes",
+                            self.size - left,
+                            self.size
+                        )));
+                    }
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {
+                        signals::check()?;
+                    }
+                    Err(e) => return Err(read_error(label, e)),
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {
-                    signals::check()?;
-                    0
-                }
-                Err(e) => return Err(read_error(label, e)),
-            };
+            }
             if n > 0 {
                 self.copier.write_bytes(&buf[..n])?;
                 left -= n as u64;

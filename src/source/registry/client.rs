@@ -19,6 +19,8 @@ use crate::error::{Error, Result};
 use crate::signals;
 
 const MAX_REDIRECTS: usize = 10;
+/// ureq's receive buffer per connection.
+const INPUT_BUFFER: usize = 512 << 10;
 const MAX_TOKEN_BYTES: u64 = 1 << 20;
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
@@ -165,6 +167,8 @@ impl Client {
             .timeout_per_read(Some(opts.stall_timeout))
             .timeout_per_write(Some(opts.stall_timeout))
             .user_agent(concat!("cloudimg/", env!("CARGO_PKG_VERSION")))
+            // Large receives: a blob body is read in big pieces.
+            .input_buffer_size(INPUT_BUFFER)
             .tls_config(tls::config()?)
             .build();
         Ok(Client {
