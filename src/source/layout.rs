@@ -78,57 +78,72 @@ impl Layout {
         }
         Ok((file, meta.len()))
     }
+}
 
-    /// Pick the index entry the selector names.
-    fn select(&self, index: &Manifest) -> Result<Descriptor> {
-        let tagged = |tag: &str| {
-            index
-                .manifests
-                .iter()
-                .find(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
-        };
-        let found = match &self.selector {
-            Selector::Tag(t) => tagged(t),
-            Selector::Default => tagged("latest").or(match index.manifests.as_slice() {
-                [only] => Some(only),
-                _ => None,
-            }),
-            Selector::Digest(d) => {
-                let want = d.to_string();
-                let hit = index.manifests.iter().find(|m| m.digest == want).cloned();
-                // A digest not listed in index.json may still name a manifest
-                // blob of the layout (skopeo allows this); its size is unknown.
-                return Ok(hit.unwrap_or(Descriptor {
-                    digest: want,
-                    size: u64::MAX,
-                    ..Descriptor::default()
-                }));
-            }
-        };
-        found.cloned().ok_or_else(|| {
-            let tags: Vec<&str> = index
-                .manifests
-                .iter()
-                .filter_map(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str))
-                .collect();
-            let wanted = match &self.selector {
-                Selector::Tag(t) => format!("tag {t:?}"),
-                _ => format!(
-                    "no tag given, no \"latest\", and {} manifests",
-                    index.manifests.len()
-                ),
-            };
-            Error::NotFound(format!(
-                "{}: {wanted} (tags in the layout: {})",
-                self.reference,
-                if tags.is_empty() {
-                    "none".to_owned()
-                } else {
-                    tags.join(", ")
-                }
-            ))
-        })
+/// Parse a layout's `index.json` and pick the entry `selector` names: the
+/// manifest tagged with the tag (`org.opencontainers.image.ref.name`); for
+/// [`Selector::Default`] the one tagged `latest`, else the only manifest; for a
+/// digest the entry with that digest, or — when `index.json` does not list it —
+/// a descriptor of unknown size (`u64::MAX`) for that digest, since a layout may
+/// hold manifest blobs it does not list. `reference` names the source in errors.
+pub fn select_manifest(
+    index_json: &[u8],
+    selector: &Selector,
+    reference: &str,
+) -> Result<Descriptor> {
+    if index_json.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(Error::Manifest(format!(
+            "index.json is larger than the {MAX_MANIFEST_BYTES} byte limit"
+        )));
     }
+    let index: Manifest = serde_json::from_slice(index_json)
+        .map_err(|e| Error::Manifest(format!("malformed index.json: {e}")))?;
+    let tagged = |tag: &str| {
+        index
+            .manifests
+            .iter()
+            .find(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
+    };
+    let found = match selector {
+        Selector::Tag(t) => tagged(t),
+        Selector::Default => tagged("latest").or(match index.manifests.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        }),
+        Selector::Digest(d) => {
+            let want = d.to_string();
+            let hit = index.manifests.iter().find(|m| m.digest == want).cloned();
+            // A digest not listed in index.json may still name a manifest
+            // blob of the layout (skopeo allows this); its size is unknown.
+            return Ok(hit.unwrap_or(Descriptor {
+                digest: want,
+                size: u64::MAX,
+                ..Descriptor::default()
+            }));
+        }
+    };
+    found.cloned().ok_or_else(|| {
+        let tags: Vec<&str> = index
+            .manifests
+            .iter()
+            .filter_map(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str))
+            .collect();
+        let wanted = match selector {
+            Selector::Tag(t) => format!("tag {t:?}"),
+            _ => format!(
+                "no tag given, no \"latest\", and {} manifests",
+                index.manifests.len()
+            ),
+        };
+        Error::NotFound(format!(
+            "{reference}: {wanted} (tags in the layout: {})",
+            if tags.is_empty() {
+                "none".to_owned()
+            } else {
+                tags.join(", ")
+            }
+        ))
+    })
 }
 
 impl Layout {
@@ -179,9 +194,7 @@ impl BlobSource for Layout {
         let index_file = File::open(&index_path)
             .map_err(|e| Error::io(format!("opening {}", index_path.display()), e))?;
         let index_bytes = read_capped(index_file, "index.json")?;
-        let index: Manifest = serde_json::from_slice(&index_bytes)
-            .map_err(|e| Error::Manifest(format!("malformed index.json: {e}")))?;
-        let desc = self.select(&index)?;
+        let desc = select_manifest(&index_bytes, &self.selector, &self.reference)?;
         let (bytes, digest) = self.read_manifest(&desc)?;
         let manifest = Manifest::parse(&bytes)?;
         if manifest.kind() != Kind::ImageIndex {
