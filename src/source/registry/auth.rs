@@ -71,7 +71,8 @@ pub enum Challenge {
 
 /// Parse a `WWW-Authenticate` header value: a scheme, then `key=value` or
 /// `key="quoted value"` pairs separated by commas. Unknown schemes and a
-/// Bearer challenge without a realm are `None`.
+/// Bearer challenge without a realm (or with an empty one: there is no token
+/// URL to ask) are `None`.
 pub fn parse_challenge(header: &str) -> Option<Challenge> {
     let header = header.trim();
     let (scheme, rest) = match header.find(char::is_whitespace) {
@@ -86,7 +87,10 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     }
     let params = parse_params(rest)?;
     Some(Challenge::Bearer {
-        realm: params.get("realm")?.clone(),
+        realm: params
+            .get("realm")
+            .filter(|r| !r.trim().is_empty())?
+            .clone(),
         service: params.get("service").cloned(),
         scope: params.get("scope").cloned(),
     })
@@ -335,6 +339,15 @@ mod tests {
         assert_eq!(parse_challenge("Basic realm=\"x\""), Some(Challenge::Basic));
         assert_eq!(parse_challenge("Negotiate abc"), None);
         assert_eq!(parse_challenge("Bearer service=\"x\""), None, "no realm");
+        // Found by fuzzing: an empty realm used to give a Bearer challenge
+        // without a token URL, which then failed as a "bad URL ".
+        assert_eq!(
+            parse_challenge(r#"Bearer realm=,scope="repository:x:pull""#),
+            None,
+            "empty realm"
+        );
+        assert_eq!(parse_challenge(r#"Bearer realm="""#), None, "empty realm");
+        assert_eq!(parse_challenge(r#"Bearer realm=" ""#), None, "blank realm");
         assert_eq!(parse_challenge("Bearer realm=\"unterminated"), None);
         assert_eq!(parse_challenge(""), None);
     }
