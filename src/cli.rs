@@ -312,7 +312,9 @@ pub fn run(program: &str, args: &[String]) -> i32 {
                 (Error::Interrupted(sig), _) | (_, Some(sig)) => Error::Interrupted(sig),
                 (e, None) => e,
             };
-            let _ = writeln!(std::io::stderr(), "cloudimg: {e}");
+            // One line, whatever a manifest put into the names it carries.
+            let line = crate::inspect::clean(&e.to_string()).into_owned();
+            let _ = writeln!(std::io::stderr(), "cloudimg: {line}");
             e.exit_code()
         }
     }

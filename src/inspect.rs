@@ -53,13 +53,13 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let none = "-";
-        let _ = writeln!(s, "reference:      {}", self.reference);
+        let _ = writeln!(s, "reference:      {}", clean(&self.reference));
         if let Some(ix) = &self.index {
             let _ = writeln!(
                 s,
                 "index:          {} ({}), chose {}/{}{}",
                 ix.digest,
-                ix.media_type.as_deref().unwrap_or(none),
+                clean(ix.media_type.as_deref().unwrap_or(none)),
                 ix.platform.os,
                 ix.platform.architecture,
                 ix.platform
@@ -73,18 +73,18 @@ impl Report {
         let _ = writeln!(
             s,
             "media type:     {}",
-            self.media_type.as_deref().unwrap_or(none)
+            clean(self.media_type.as_deref().unwrap_or(none))
         );
         let _ = writeln!(
             s,
             "artifact type:  {}",
-            self.artifact_type.as_deref().unwrap_or(none)
+            clean(self.artifact_type.as_deref().unwrap_or(none))
         );
         let _ = writeln!(s, "kind:           {}", self.kind);
         if !self.annotations.is_empty() {
             let _ = writeln!(s, "annotations:");
             for (k, v) in &self.annotations {
-                let _ = writeln!(s, "  {k} = {v}");
+                let _ = writeln!(s, "  {} = {}", clean(k), clean(v));
             }
         }
         match (&self.plan, &self.plan_error) {
@@ -105,8 +105,11 @@ impl Report {
                     };
                     let _ = writeln!(
                         s,
-                        "  {i:>3}  {title}  {}  {} bytes  {}",
-                        l.media_type, l.size, l.digest
+                        "  {i:>3}  {}  {}  {} bytes  {}",
+                        clean(title),
+                        clean(&l.media_type),
+                        l.size,
+                        l.digest
                     );
                 }
                 if !plan.skipped.is_empty() {
@@ -117,12 +120,18 @@ impl Report {
                         } else {
                             &l.title
                         };
-                        let _ = writeln!(s, "       {title}  {} bytes  {}", l.size, l.reason);
+                        let _ = writeln!(
+                            s,
+                            "       {}  {} bytes  {}",
+                            clean(title),
+                            l.size,
+                            clean(&l.reason)
+                        );
                     }
                 }
             }
             (None, Some(e)) => {
-                let _ = writeln!(s, "disk:           none: {e}");
+                let _ = writeln!(s, "disk:           none: {}", clean(e));
             }
             (None, None) => {}
         }
@@ -143,5 +152,35 @@ pub fn human(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// Text from a manifest, made safe for a terminal: control characters
+/// (newlines, escape sequences) are shown escaped instead of acting.
+pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(clean("plain title"), "plain title");
+        assert_eq!(clean("a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
     }
 }
