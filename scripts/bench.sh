@@ -183,7 +183,7 @@ for ((r = 1; r <= runs; r++)); do
     # 6: memory at two sizes, layout and registry.
     run 6 cloudimg-layout-small "$(stat -c %s "$work/small/disk")" "\$T $bin get -q oci:$work/small/layout:v1 | $consumer"
     run 6 cloudimg-layout-big "$disk_bytes" "\$T $bin get -q $layout | $consumer"
-    run 6 cloudimg-registry-big "$disk_bytes" "\$T $bin get -q $regref | $consumer"
+    run 6 cloudimg-registry-big "$disk_bytes" "\$T $bin get -q --connections 4 $regref | $consumer"
 done
 
 # 7: rate-capped object storage (50 MB/s per connection), fewer rounds: slow by design.

@@ -95,9 +95,10 @@ macro_rules! with_source_flags {
             /// seconds without a byte before a connection counts as stalled (default 60)
             #[argh(option, default = "60")]
             stall_timeout: u64,
-            /// concurrent range requests per blob from a registry (default 4; 1 = one stream)
-            #[argh(option, default = "4")]
-            connections: usize,
+            /// concurrent range requests per blob from a registry (default: 4, or 1 for a
+            /// loopback registry, where parallel streams only add overhead; 1 = one stream)
+            #[argh(option)]
+            connections: Option<usize>,
         }
 
         impl $name {
@@ -198,7 +199,7 @@ struct SourceFlags<'a> {
     mirrors: &'a [String],
     retries: u32,
     stall_timeout: u64,
-    connections: usize,
+    connections: Option<usize>,
 }
 
 /// Environment variable with comma-separated mirror URLs.
@@ -249,7 +250,7 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
             )));
         }
     }
-    if f.connections == 0 {
+    if f.connections == Some(0) {
         return Err(Error::Other("--connections must be at least 1".into()));
     }
     if f.stall_timeout == 0 {

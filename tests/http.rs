@@ -82,10 +82,15 @@ impl Fixture {
     }
 }
 
+/// `cloudimg get` from the server; with four range connections unless the
+/// test says otherwise (a loopback registry would get one by default).
 fn get(server: &Server, extra: &[&str]) -> Output {
     let source = format!("{}/img:v1", server.host());
     let mut args = vec!["get", "-q", &source];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--connections") {
+        args.extend_from_slice(&["--connections", "4"]);
+    }
     bin()
         .args(&args)
         .env("CLOUDIMG_CHUNK_SIZE", CHUNK)
@@ -114,7 +119,21 @@ fn plain_registry_single_and_parallel() {
     let g = Arc::clone(&f);
     let server = Server::start(move |req, _| g.serve(req, Reply::blob));
     assert_ok(&get(&server, &["--connections", "1"]), &f.disk());
-    assert_ok(&get(&server, &[]), &f.disk());
+    let before = server.requests().len();
+    // A loopback registry gets one stream by default.
+    let out = bin()
+        .args(["get", "-q", &format!("{}/img:v1", server.host())])
+        .env("CLOUDIMG_CHUNK_SIZE", CHUNK)
+        .output()
+        .unwrap();
+    assert_ok(&out, &f.disk());
+    assert!(
+        server.requests()[before..]
+            .iter()
+            .all(|r| r.header("range").is_none()),
+        "default on loopback is a single stream"
+    );
+    assert_ok(&get(&server, &["--connections", "4"]), &f.disk());
     // The parallel run asked for ranges of the chunk size.
     let ranged = server
         .requests()

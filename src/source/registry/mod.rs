@@ -46,8 +46,11 @@ pub struct RegistryOptions {
     pub mirrors: Vec<String>,
     pub retries: u32,
     pub stall_timeout: Duration,
-    /// Concurrent range requests per blob (1 = a single stream).
-    pub connections: usize,
+    /// Concurrent range requests per blob (1 = a single stream). `None`:
+    /// four, or one for a loopback registry — parallel ranges exist to get
+    /// past per-connection rate caps of remote object stores and CDNs; on
+    /// loopback there are none and the extra streams only cost CPU.
+    pub connections: Option<usize>,
     /// Bytes per range request. At most `connections + 2` chunks are held in
     /// memory (24 MiB with the defaults).
     pub chunk_size: u64,
@@ -61,7 +64,7 @@ impl Default for RegistryOptions {
             mirrors: Vec::new(),
             retries: 5,
             stall_timeout: Duration::from_secs(60),
-            connections: 4,
+            connections: None,
             chunk_size: 4 << 20,
         }
     }
@@ -80,6 +83,8 @@ pub struct Registry {
     platform: Option<Platform>,
     reference: String,
     opts: RegistryOptions,
+    /// Range requests per blob, the default resolved.
+    connections: usize,
 }
 
 impl Registry {
@@ -122,7 +127,15 @@ impl Registry {
                 server
             }
         };
-        let namespace = Origin::of(&base)?.authority;
+        let registry_origin = Origin::of(&base)?;
+        let connections = opts
+            .connections
+            .unwrap_or(if is_loopback(registry_origin.host()) {
+                1
+            } else {
+                4
+            });
+        let namespace = registry_origin.authority;
         let credentials = CredentialStore {
             explicit: opts.credentials.clone().map(|c| (namespace.clone(), c)),
             ..CredentialStore::from_env()
@@ -143,6 +156,7 @@ impl Registry {
             platform,
             reference: reference.to_string(),
             opts: opts.clone(),
+            connections,
         })
     }
 
@@ -330,11 +344,10 @@ impl BlobSource for Registry {
         if layer.size == 0 {
             return Ok(Blob::Stream(Box::new(std::io::empty())));
         }
-        let parallel =
-            self.opts.connections > 1 && layer.size > self.opts.chunk_size.saturating_mul(2);
+        let parallel = self.connections > 1 && layer.size > self.opts.chunk_size.saturating_mul(2);
         if parallel {
             return Ok(
-                match Parallel::open(fetch, self.opts.chunk_size, self.opts.connections)? {
+                match Parallel::open(fetch, self.opts.chunk_size, self.connections)? {
                     Ok(p) => Blob::Stream(Box::new(p)),
                     Err(single) => Blob::Stream(Box::new(single)),
                 },
