@@ -5,6 +5,7 @@
 #
 #   scripts/bench.sh            # 4 GiB disk (BENCH_GIB), 5 runs (BENCH_RUNS)
 #   scripts/bench.sh --quick    # 512 MiB, 1 run: a smoke test of the harness
+#   BENCH_ONLY="4 8" scripts/bench.sh   # rerun some scenarios, keep the other rows
 #
 # Run as root on Debian it installs what it needs (golang-go, gcc,
 # docker-registry, xfsprogs, time, curl). Scenario 4 needs loop devices and
@@ -35,6 +36,20 @@ bin=$repo/target/release/cloudimg
 peers=$repo/target/bench-bin
 results=$work/results.tsv
 say() { printf '== %s\n' "$*" >&2; }
+
+# unshared_kib FILE: KiB of FILE's extents that are not shared (filefrag -v).
+unshared_kib() {
+    filefrag -v "$1" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+block = int(re.search(r"blocks? of (\d+) bytes", text).group(1))
+total = 0
+for line in text.splitlines():
+    m = re.match(r"\s*\d+:\s+\d+\.\.\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+):", line)
+    if m and "shared" not in line:
+        total += int(m.group(1))
+print(total * block // 1024)'
+}
 
 # disk_digests LAYOUT_DIR: the disk layers' digests in stream order (by title).
 disk_digests() {
@@ -71,7 +86,14 @@ cargo build --release --quiet
 benches/peers/build.sh "$peers" 2>/dev/null
 
 mkdir -p "$work"
-rm -f "$results"
+only=${BENCH_ONLY:-}
+want() { [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; }
+if [ -z "$only" ]; then
+    rm -f "$results"
+elif [ -f "$results" ]; then
+    awk -F'\t' -v only=" $only " 'index(only, " " $1 " ") == 0' "$results" > "$results.keep"
+    mv "$results.keep" "$results"
+fi
 cleanup() {
     [ -n "${reg_pid:-}" ] && kill "$reg_pid" 2>/dev/null || true
     [ -n "${cap_pid:-}" ] && kill "$cap_pid" 2>/dev/null || true
@@ -133,6 +155,7 @@ regref=127.0.0.1:$port/bench/disk:v1
 # the peer's main process).
 run() {
     local scenario=$1 name=$2 bytes=$3 cmd=$4 t0 t1
+    want "$scenario" || return 0
     rm -f "$work/time.out"
     sync
     t0=$(date +%s.%N)
@@ -187,6 +210,7 @@ for ((r = 1; r <= runs; r++)); do
 done
 
 # 7: rate-capped object storage (50 MB/s per connection), fewer rounds: slow by design.
+if want 7; then
 say "scenario 7: rate-capped server"
 "$peers/ratecap" -addr 127.0.0.1:0 -rate 50000000 -dir "$work/capped/layout" > "$work/ratecap.addr" 2>"$work/ratecap.log" &
 cap_pid=$!
@@ -204,11 +228,14 @@ for ((r = 1; r <= (runs < 3 ? runs : 3); r++)); do
 done
 kill "$cap_pid"
 cap_pid=
+fi
 
 # 4: layout -> file on XFS with reflinks; 8: sparse raw disk -> file.
 xfs_mnt=$work/xfs
 fs_note=""
-if command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
+if ! want 4 && ! want 8; then
+    :
+elif command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
     say "scenarios 4 and 8 on a loop-mounted XFS"
     mkdir -p "$xfs_mnt"
     rm -f "$work/xfs.img"
@@ -221,14 +248,12 @@ if command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
     for d in "${digests[@]}"; do xfs_parts+=("$xfs_mnt/layout/blobs/${d/://}"); done
     for ((r = 1; r <= runs; r++)); do
         rm -f "$xfs_mnt"/out*
-        # Space the output really takes: the file system's used space grows by
-        # that much (du would count extents shared by a reflink again).
-        sync
-        before=$(df --output=used -k "$xfs_mnt" | tail -n 1)
         run 4 cloudimg "$disk_bytes" "\$T $bin get -q oci:$xfs_mnt/layout:v1 -o $xfs_mnt/out-cloudimg"
-        sync
-        after=$(df --output=used -k "$xfs_mnt" | tail -n 1)
-        printf '4\tspace-used-kib\t%s\t%s\t-\t-\t-\n' "$disk_bytes" "$(( after - before ))" >> "$results"
+        # Space the output takes of its own: its extents not shared with the
+        # layout (du would count reflinked extents again).
+        printf '4\tspace-used-kib\t%s\t%s\t-\t-\t-\n' "$disk_bytes" "$(unshared_kib "$xfs_mnt/out-cloudimg")" >> "$results"
+        rm -f "$xfs_mnt/out-cloudimg"
+        run 4 cloudimg-no-verify "$disk_bytes" "\$T $bin get -q --no-verify oci:$xfs_mnt/layout:v1 -o $xfs_mnt/out-cloudimg"
         # cloudimg syncs its output before giving it its name; the peers get
         # the same `sync FILE` so that all of them end with the data durable.
         run 4 cat "$disk_bytes" "\$T cat ${xfs_parts[*]} > $xfs_mnt/out-cat && sync $xfs_mnt/out-cat"
@@ -238,6 +263,8 @@ if command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
         # The layout lives on another file system, as a download would.
         run 8 cloudimg "$sparse_bytes" "\$T $bin get -q oci:$work/sparse/layout:v1 -o $xfs_mnt/out-sparse"
         printf '8\tcloudimg-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse" | cut -f1)" >> "$results"
+        rm -f "$xfs_mnt/out-sparse"
+        run 8 cloudimg-no-verify "$sparse_bytes" "\$T $bin get -q --no-verify oci:$work/sparse/layout:v1 -o $xfs_mnt/out-sparse"
         run 8 cat "$sparse_bytes" "\$T cat $work/sparse/parts/disk.*.part > $xfs_mnt/out-sparse-cat && sync $xfs_mnt/out-sparse-cat"
         printf '8\tcat-allocated-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(du -k "$xfs_mnt/out-sparse-cat" | cut -f1)" >> "$results"
         run 8 cp-sparse "$sparse_bytes" "\$T cp --sparse=always $work/sparse/dense $xfs_mnt/out-sparse-cp && sync $xfs_mnt/out-sparse-cp"
