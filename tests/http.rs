@@ -199,54 +199,29 @@ fn basic_protected(f: Arc<Fixture>) -> Server {
     })
 }
 
+/// `cloudimg get` as alice, with `password` written to its stdin.
+fn get_as_alice(server: &Server, password: &[u8]) -> Output {
+    let mut child = bin()
+        .args(["get", "-q", &format!("{}/img:v1", server.host())])
+        .args(["--username", "alice", "--password-stdin"])
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(password).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn bearer_with_basic_credentials_from_password_stdin() {
     let f = Arc::new(fixture());
     let server = basic_protected(Arc::clone(&f));
-    let source = format!("{}/img:v1", server.host());
-    let mut child = bin()
-        .args([
-            "get",
-            "-q",
-            &source,
-            "--username",
-            "alice",
-            "--password-stdin",
-        ])
-        .env("DOCKER_CONFIG", "/nonexistent")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_ok(&out, &f.disk());
+    assert_ok(&get_as_alice(&server, b"s3cret\n"), &f.disk());
 
     // Wrong password: one clear line, and the password is not in it.
-    let mut child = bin()
-        .args([
-            "get",
-            "-q",
-            &source,
-            "--username",
-            "alice",
-            "--password-stdin",
-        ])
-        .env("DOCKER_CONFIG", "/nonexistent")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"wrong-pass\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let line = failure(&out);
+    let line = failure(&get_as_alice(&server, b"wrong-pass\n"));
     assert!(
         line.contains("refused") && !line.contains("wrong-pass"),
         "{line}"
