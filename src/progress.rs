@@ -31,11 +31,6 @@ impl Progress {
         }
     }
 
-    /// A progress that never prints (library use, tests).
-    pub fn silent(total: u64) -> Progress {
-        Progress::new(total, true)
-    }
-
     /// Set the total once the plan is known.
     pub fn set_total(&mut self, total: u64) {
         self.total = total;

@@ -37,7 +37,6 @@ pub struct Sink<'fd> {
     fd: BorrowedFd<'fd>,
     kind: SinkKind,
     strategies: &'static [Strategy],
-    pipe_size: Option<usize>,
 }
 
 /// Environment knob that forces the portable read/write path (for tests and
@@ -56,7 +55,9 @@ impl<'fd> Sink<'fd> {
             FileType::Socket => SinkKind::Socket,
             _ => SinkKind::Other,
         };
-        let pipe_size = (kind == SinkKind::Pipe).then(|| grow_pipe(fd));
+        if kind == SinkKind::Pipe {
+            grow_pipe(fd);
+        }
         let forced_rw = std::env::var(ENV_IO).is_ok_and(|v| v == "readwrite");
         let strategies: &'static [Strategy] = if forced_rw {
             &[Strategy::ReadWrite]
@@ -76,7 +77,6 @@ impl<'fd> Sink<'fd> {
             fd,
             kind,
             strategies,
-            pipe_size,
         })
     }
 
@@ -91,11 +91,6 @@ impl<'fd> Sink<'fd> {
     /// The strategies for a file-range blob, best first.
     pub fn strategies(&self) -> &'static [Strategy] {
         self.strategies
-    }
-
-    /// The pipe's capacity after enlarging, when the sink is a pipe.
-    pub fn pipe_size(&self) -> Option<usize> {
-        self.pipe_size
     }
 }
 

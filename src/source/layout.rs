@@ -5,7 +5,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use super::{Blob, BlobSource, IndexChoice, Resolved, choose_platform};
-use crate::digest::{Digest, Hasher};
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{
     ANNOTATION_REF_NAME, Descriptor, DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform,
@@ -161,9 +161,7 @@ impl Layout {
             )));
         }
         let bytes = read_capped(file, "manifest")?;
-        let mut h = Hasher::new(digest.algorithm());
-        h.update(&bytes);
-        let actual = h.finish();
+        let actual = Digest::of(digest.algorithm(), &bytes);
         if actual != digest {
             return Err(Error::Integrity(format!(
                 "manifest digest mismatch: expected {digest}, actual {actual}"

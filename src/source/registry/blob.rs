@@ -161,31 +161,30 @@ pub struct Resumable {
 }
 
 impl Resumable {
+    /// A stream from `pos` to `end` (or the body's end), continuing `current`
+    /// when a response is already open, else opened on the first read.
+    fn new(
+        fetch: Arc<BlobFetch>,
+        pos: u64,
+        end: Option<u64>,
+        current: Option<Opened>,
+        url: Option<String>,
+    ) -> Resumable {
+        Resumable {
+            url: current.as_ref().map(|o| o.url.clone()).or(url),
+            fetch,
+            pos,
+            end,
+            current,
+            failures: 0,
+            progress: 0,
+        }
+    }
+
     /// Open the whole blob now, so that errors such as 404 surface at once.
     pub fn open(fetch: Arc<BlobFetch>) -> Result<Resumable> {
         let opened = fetch.open(0, None, None)?;
-        Ok(Resumable {
-            fetch,
-            pos: 0,
-            end: None,
-            url: Some(opened.url.clone()),
-            current: Some(opened),
-            failures: 0,
-            progress: 0,
-        })
-    }
-
-    /// A chunk `[start, end)`, opened lazily.
-    fn chunk(fetch: Arc<BlobFetch>, start: u64, end: u64, url: Option<String>) -> Resumable {
-        Resumable {
-            fetch,
-            pos: start,
-            end: Some(end),
-            current: None,
-            failures: 0,
-            progress: 0,
-            url,
-        }
+        Ok(Resumable::new(fetch, 0, None, Some(opened), None))
     }
 
     /// Read the next bytes, reconnecting as needed.
@@ -301,9 +300,9 @@ struct State {
 }
 
 impl Parallel {
-    /// Probe with a request for the first chunk: `Ok(None)` when the server
-    /// does not honour Range (the caller streams singly instead, reusing
-    /// nothing: the probe's body is dropped).
+    /// Probe with a request for the first chunk. When the server does not
+    /// honour Range (a `200`), the answer is `Err` with a single stream that
+    /// goes on reading that very response.
     pub fn open(
         fetch: Arc<BlobFetch>,
         chunk: u64,
@@ -314,16 +313,8 @@ impl Parallel {
         if opened.partial {
             let chunks = fetch.size.div_ceil(chunk);
             let url = Some(opened.url.clone());
-            // Read the first chunk on the first read(), from this response.
-            let first = Resumable {
-                fetch: Arc::clone(&fetch),
-                pos: 0,
-                end: Some(first_end),
-                url: url.clone(),
-                current: Some(opened),
-                failures: 0,
-                progress: 0,
-            };
+            // The first chunk is read from this response.
+            let first = Resumable::new(Arc::clone(&fetch), 0, Some(first_end), Some(opened), None);
             let shared = Arc::new(Shared {
                 state: Mutex::new(State {
                     claim: 1,
@@ -346,15 +337,7 @@ impl Parallel {
             return Ok(Ok(p));
         }
         // A 200: the server sends the whole blob; stream it singly.
-        Ok(Err(Resumable {
-            url: Some(opened.url.clone()),
-            current: Some(opened),
-            fetch,
-            pos: 0,
-            end: None,
-            failures: 0,
-            progress: 0,
-        }))
+        Ok(Err(Resumable::new(fetch, 0, None, Some(opened), None)))
     }
 
     fn spawn_first(&self, mut first: Resumable) {
@@ -432,7 +415,7 @@ fn worker(
         let end = (start + chunk).min(fetch.size);
         let mut buf = buf;
         buf.resize((end - start) as usize, 0);
-        let mut r = Resumable::chunk(Arc::clone(fetch), start, end, url.clone());
+        let mut r = Resumable::new(Arc::clone(fetch), start, Some(end), None, url.clone());
         let result = fill(&mut r, buf);
         let failed = result.is_err();
         let mut st = shared.state.lock().expect("parallel state");

@@ -15,12 +15,9 @@ use self::auth::{CredentialStore, Credentials, Secret};
 use self::blob::{BlobFetch, Parallel, Resumable};
 use self::client::{Client, ClientOptions, Origin, is_loopback, redact};
 use super::{Blob, BlobSource, Resolved, choose_platform};
-use crate::digest::{Algorithm, Digest, Hasher};
+use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result};
-use crate::manifest::{
-    DiskLayer, Kind, MAX_MANIFEST_BYTES, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
-    MEDIA_OCI_MANIFEST, Manifest, Platform,
-};
+use crate::manifest::{DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform};
 use crate::reference::Reference;
 
 /// Where epoch-style names (no host) live.
@@ -205,9 +202,6 @@ impl Registry {
             };
             match self.manifest_from(url, &headers, pinned, tries) {
                 Ok(found) => return Ok(found),
-                Err(e @ (Error::Interrupted(_) | Error::Integrity(_))) if i + 1 == urls.len() => {
-                    return Err(e);
-                }
                 Err(e @ Error::Interrupted(_)) => return Err(e),
                 Err(e) => last = Some(e),
             }
@@ -265,11 +259,7 @@ impl Registry {
         let alg = pinned
             .or(claimed.as_ref())
             .map_or(Algorithm::Sha256, Digest::algorithm);
-        let actual = {
-            let mut h = Hasher::new(alg);
-            h.update(&bytes);
-            h.finish()
-        };
+        let actual = Digest::of(alg, &bytes);
         if let Some(want) = pinned
             && *want != actual
         {
@@ -357,21 +347,21 @@ impl BlobSource for Registry {
     }
 }
 
-/// Accept-list sanity for tests and docs.
-pub const ACCEPTED: [&str; 4] = [
-    MEDIA_OCI_MANIFEST,
-    MEDIA_OCI_INDEX,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_DOCKER_LIST,
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::{
+        MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
+    };
 
     #[test]
     fn accept_header_lists_all_manifest_types() {
-        for m in ACCEPTED {
+        for m in [
+            MEDIA_OCI_MANIFEST,
+            MEDIA_OCI_INDEX,
+            MEDIA_DOCKER_MANIFEST,
+            MEDIA_DOCKER_LIST,
+        ] {
             assert!(ACCEPT.contains(m), "{m}");
         }
     }
