@@ -16,12 +16,12 @@ use crate::output::Output;
 use crate::progress::Progress;
 use crate::pull::{ExecCocoon, Puller};
 use crate::reference::Reference;
+use crate::route::Sparse;
 use crate::sink::Sink;
 use crate::source::registry::RegistryOptions;
 use crate::source::registry::auth::{Credentials, Secret};
 use crate::source::{SourceOptions, parse_platform};
 use crate::stream::{self, Options};
-use crate::zerocopy::Sparse;
 use crate::{signals, source};
 
 #[derive(FromArgs, Debug)]
@@ -321,9 +321,14 @@ pub fn run(program: &str, args: &[String]) -> i32 {
     }
 }
 
+/// Environment knob that forces the portable read/write path (for tests and
+/// benchmarks of the fallback).
+const ENV_IO: &str = "CLOUDIMG_IO";
+
 fn options(no_verify: bool) -> Options {
     Options {
         verify: !no_verify,
+        kernel_copy: std::env::var(ENV_IO).map_or(true, |v| v != "readwrite"),
         ..Options::default()
     }
 }

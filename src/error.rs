@@ -46,6 +46,34 @@ impl Error {
         }
     }
 
+    /// A blob that ended after `got` of its `size` bytes.
+    pub fn truncated(label: &str, got: u64, size: u64) -> Self {
+        Error::Integrity(format!(
+            "{label}: blob is truncated: ended after {got} of {size} bytes"
+        ))
+    }
+
+    /// A blob that goes on past its `size` bytes.
+    pub fn oversized(label: &str, size: u64) -> Self {
+        Error::Integrity(format!(
+            "{label}: blob is oversized: more than the expected {size} bytes"
+        ))
+    }
+
+    /// A read error of a blob read through `io::Read`. Sources that speak
+    /// `io::Read` carry this crate's own errors (which name the layer
+    /// already) inside `io::Error` (see the `From` impl below); those come
+    /// back out unchanged. Other I/O errors get the layer's label.
+    pub fn from_read(label: &str, e: io::Error) -> Self {
+        match e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            true => *e
+                .into_inner()
+                .and_then(|inner| inner.downcast::<Error>().ok())
+                .expect("checked above"),
+            false => Error::io(format!("{label}: reading"), e),
+        }
+    }
+
     /// The process exit status a script sees for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -78,6 +106,14 @@ impl std::error::Error for Error {
             Error::Io { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// Carries this crate's error through `io::Read`; [`Error::from_read`]
+/// takes it back out.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        io::Error::other(e)
     }
 }
 

@@ -12,12 +12,15 @@
 pub mod cli;
 pub mod digest;
 pub mod error;
+pub mod holes;
 pub mod inspect;
+pub mod lease;
 pub mod manifest;
 pub mod output;
 pub mod progress;
 pub mod pull;
 pub mod reference;
+pub mod route;
 pub mod signals;
 pub mod sink;
 pub mod source;

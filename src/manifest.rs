@@ -220,6 +220,11 @@ impl DiskLayer {
             format!("layer {:?}", self.title)
         }
     }
+
+    /// How errors about its bytes name this layer: its name and digest.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name(), self.digest)
+    }
 }
 
 /// A layer that is not part of the disk, and why.

@@ -1,9 +1,10 @@
-//! The output, classified once by `fstat`: which kind of fd it is decides which
-//! syscalls [`crate::zerocopy`] tries, in which order.
+//! The output, classified once by `fstat`: what kind of fd it is, which file
+//! system it lives on and whether zero blocks could become holes in it.
+//! [`crate::route`] turns that into the syscalls a blob is moved with.
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use rustix::fs::{FileType, OFlags};
+use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use crate::error::{Error, Result};
 
@@ -21,34 +22,24 @@ pub enum SinkKind {
     Other,
 }
 
-/// How bytes are moved from a file range to the sink, best first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    Splice,
-    CopyFileRange,
-    Sendfile,
-    SpliceViaPipe,
-    ReadWrite,
-}
-
-/// An output fd and the strategies chosen for it.
+/// An output fd and what was learnt about it.
 #[derive(Debug)]
 pub struct Sink<'fd> {
     fd: BorrowedFd<'fd>,
     kind: SinkKind,
-    strategies: &'static [Strategy],
+    /// The device of a regular-file output (to tell whether a blob shares
+    /// its file system).
+    dev: Option<u64>,
+    /// A regular file written at its end: a skipped block reads back as zeros.
+    at_end: bool,
 }
-
-/// Environment knob that forces the portable read/write path (for tests and
-/// benchmarks of the fallback).
-pub const ENV_IO: &str = "CLOUDIMG_IO";
 
 impl<'fd> Sink<'fd> {
     /// Classify `fd`, enlarging it first when it is a pipe we write into.
     pub fn new(fd: BorrowedFd<'fd>) -> Result<Sink<'fd>> {
-        let st = rustix::fs::fstat(fd).map_err(|e| Error::io("inspecting the output", e.into()))?;
-        let flags = rustix::fs::fcntl_getfl(fd)
-            .map_err(|e| Error::io("inspecting the output", e.into()))?;
+        let inspecting = |e: rustix::io::Errno| Error::io("inspecting the output", e.into());
+        let st = rustix::fs::fstat(fd).map_err(inspecting)?;
+        let flags = rustix::fs::fcntl_getfl(fd).map_err(inspecting)?;
         let kind = match FileType::from_raw_mode(st.st_mode) {
             FileType::Fifo => SinkKind::Pipe,
             FileType::RegularFile if !flags.contains(OFlags::APPEND) => SinkKind::File,
@@ -58,25 +49,17 @@ impl<'fd> Sink<'fd> {
         if kind == SinkKind::Pipe {
             grow_pipe(fd);
         }
-        let forced_rw = std::env::var(ENV_IO).is_ok_and(|v| v == "readwrite");
-        let strategies: &'static [Strategy] = if forced_rw {
-            &[Strategy::ReadWrite]
+        let (dev, at_end) = if kind == SinkKind::File {
+            let pos = rustix::fs::seek(fd, SeekFrom::Current(0)).map_err(inspecting)?;
+            (Some(st.st_dev), pos >= st.st_size as u64)
         } else {
-            match kind {
-                SinkKind::Pipe => &[Strategy::Splice, Strategy::ReadWrite],
-                SinkKind::File => &[
-                    Strategy::CopyFileRange,
-                    Strategy::Sendfile,
-                    Strategy::ReadWrite,
-                ],
-                SinkKind::Socket => &[Strategy::Sendfile, Strategy::ReadWrite],
-                SinkKind::Other => &[Strategy::SpliceViaPipe, Strategy::ReadWrite],
-            }
+            (None, false)
         };
         Ok(Sink {
             fd,
             kind,
-            strategies,
+            dev,
+            at_end,
         })
     }
 
@@ -88,9 +71,14 @@ impl<'fd> Sink<'fd> {
         self.kind
     }
 
-    /// The strategies for a file-range blob, best first.
-    pub fn strategies(&self) -> &'static [Strategy] {
-        self.strategies
+    /// Whether zero blocks may be skipped: a regular file written at its end.
+    pub fn can_hold_holes(&self) -> bool {
+        self.at_end
+    }
+
+    /// Whether a file on device `dev` lives on the output's file system.
+    pub fn same_file_system(&self, dev: u64) -> bool {
+        self.dev == Some(dev)
     }
 }
 

@@ -1,33 +1,45 @@
-//! The seed's Stream / StreamParsed: concatenate a cloud image's disk layers
-//! into a sink, each blob exactly its size and, unless told otherwise,
-//! verified against its digest. The stream is complete only when every
-//! verdict is in.
+//! The Go reference's Stream: concatenate a cloud image's disk layers into a
+//! sink, each blob exactly its size and, unless told otherwise, verified
+//! against its digest. The stream is complete only when every verdict is in
+//! and the consumer can no longer see a byte that was not hashed.
+//!
+//! Each blob opened gets its [`Route`] from [`route::choose`]: a kernel
+//! route ([`Copier`], hashed beside the copy by the [`Verifier`] under a
+//! read lease) or a buffered one ([`Buffered`], hashed as written).
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{ErrorKind, Read};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::MetadataExt;
+
+use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::manifest::{DiskLayer, DiskPlan, Format, Manifest, disk_plan};
+use crate::holes::HoleWriter;
+use crate::lease::{self, Leases};
+use crate::manifest::{DiskLayer, DiskPlan, Format};
 use crate::progress::Progress;
+use crate::route::{self, BlobKind, Policy, Route, Sparse};
 use crate::signals;
 use crate::sink::Sink;
 use crate::source::{Blob, BlobSource};
 use crate::verify::{self, Job, StreamHasher, Verifier};
-use crate::zerocopy::{Copier, Sparse, Tick};
-
-/// Buffer for stream blobs (network bodies).
-const STREAM_BUF: usize = 1 << 20;
+use crate::zerocopy::{BUF_SIZE, Copier, Range, Tick, pread, write_all};
 
 /// How to stream.
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Check every blob's digest (sizes are always enforced).
     pub verify: bool,
-    /// Hashing threads for file-range blobs.
+    /// Hashing threads for blobs on a kernel route.
     pub hash_threads: usize,
     /// Zero blocks as holes in a regular-file output. `Auto` applies to raw
     /// disks only (a qcow2's zeros are rare and its layout is its own).
     pub sparse: Sparse,
+    /// Let the kernel move file blobs (`CLOUDIMG_IO=readwrite` turns this
+    /// off, for tests and benchmarks of the portable path).
+    pub kernel_copy: bool,
 }
 
 impl Default for Options {
@@ -36,32 +48,16 @@ impl Default for Options {
             verify: true,
             hash_threads: verify::default_threads(),
             sparse: Sparse::Auto,
+            kernel_copy: true,
         }
     }
 }
 
-/// Resolve the source's manifest and stream its disk into `sink`.
-pub fn stream(
-    source: &dyn BlobSource,
-    sink: &Sink<'_>,
-    opts: &Options,
-    progress: &mut Progress,
-) -> Result<DiskPlan> {
-    let resolved = source.resolve()?;
-    stream_parsed(&resolved.manifest, source, sink, opts, progress)
-}
-
-/// Stream an already parsed manifest's disk into `sink`.
-pub fn stream_parsed(
-    manifest: &Manifest,
-    source: &dyn BlobSource,
-    sink: &Sink<'_>,
-    opts: &Options,
-    progress: &mut Progress,
-) -> Result<DiskPlan> {
-    let plan = disk_plan(manifest)?;
-    stream_plan(&plan, source, sink, opts, progress)?;
-    Ok(plan)
+/// An open blob and the way it will take.
+struct Planned {
+    blob: Blob,
+    route: Route,
+    leased: bool,
 }
 
 /// Stream the layers of `plan`, in order, into `sink`.
@@ -72,26 +68,27 @@ pub fn stream_plan(
     opts: &Options,
     progress: &mut Progress,
 ) -> Result<()> {
-    let mut verifier = Verifier::new(opts.hash_threads);
-    let mut copier = Copier::new(sink);
-    copier.set_sparse(match (opts.sparse, plan.format) {
+    let sparse = match (opts.sparse, plan.format) {
         (Sparse::Auto, Format::Qcow2) => Sparse::Never,
         (mode, _) => mode,
-    })?;
+    };
+    let policy = Policy::new(sink, sparse, opts.kernel_copy, opts.verify);
+    let mut verifier = Verifier::new(opts.hash_threads);
+    let mut copier = Copier::new(sink);
+    let mut buffered = Buffered::new(sink.fd(), policy.sparse != Sparse::Never, opts.verify);
+    let mut leases = Leases::default();
     let ahead = source.open_ahead().max(1);
-    let mut opened: VecDeque<Blob> = VecDeque::new();
-    let mut buf = Vec::new();
-    let mut stream_hasher: Option<StreamHasher> = None;
+    let mut opened: VecDeque<Planned> = VecDeque::new();
 
     for (slot, layer) in plan.layers.iter().enumerate() {
-        // Keep this blob and up to `ahead` more open; hash file blobs as
-        // soon as they are open.
+        // Keep this blob and up to `ahead` more open; hash kernel-route
+        // blobs as soon as they are open.
         let mut next = slot + opened.len();
         while next < plan.layers.len() && next <= slot.saturating_add(ahead) {
             let l = &plan.layers[next];
-            let blob = source.open_blob(l)?;
-            if opts.verify
-                && let Blob::File { file, offset, len } = &blob
+            let planned = plan_blob(source.open_blob(l)?, &policy, sink)?;
+            if let (true, Blob::File { file, offset, len }, Route::Kernel(_)) =
+                (opts.verify, &planned.blob, planned.route)
             {
                 let file = file
                     .try_clone()
@@ -102,144 +99,350 @@ pub fn stream_plan(
                     offset: *offset,
                     len: *len,
                     expected: l.digest.clone(),
-                    name: layer_label(l),
+                    name: l.label(),
                 })?;
             }
-            opened.push_back(blob);
+            opened.push_back(planned);
             next += 1;
         }
         signals::check()?;
-        let blob = opened.pop_front().expect("the current blob is open");
-        let label = layer_label(layer);
-        let mut tick = |n: u64| -> Result<()> {
-            progress.advance(n);
-            signals::check()?;
-            match verifier.failed() {
-                true => Err(verifier.first_error().expect("a failure was flagged")),
-                false => Ok(()),
-            }
-        };
-        match blob {
-            Blob::File { file, offset, len } => {
-                copier.copy_range(&file, offset, len, &label, &mut tick)?;
-            }
-            Blob::Stream(mut body) => {
-                let mut hasher = match (&mut stream_hasher, opts.verify) {
-                    (Some(h), true) => Some(h),
-                    (slot, true) => Some(slot.insert(StreamHasher::new(STREAM_BUF)?)),
-                    (_, false) => None,
-                };
-                if let Some(h) = hasher.as_deref_mut() {
-                    h.start(layer.digest.algorithm())?;
+        let Planned {
+            blob,
+            route,
+            leased,
+        } = opened.pop_front().expect("the current blob is open");
+        let label = layer.label();
+        match (blob, route) {
+            (Blob::File { file, offset, len }, Route::Kernel(strategies)) => {
+                {
+                    let lease = leased.then_some((&file, label.as_str()));
+                    let mut tick = ticker(progress, &verifier, lease);
+                    let range = Range { offset, len };
+                    copier.copy_range(&file, range, strategies, &label, &mut tick)?;
                 }
-                let mut pass = StreamPass {
-                    label: &label,
-                    size: layer.size,
-                    copier: &mut copier,
-                    buf: &mut buf,
-                    tick: &mut tick,
-                };
-                pass.run(&mut *body, hasher.as_deref_mut())?;
-                if let Some(h) = hasher {
-                    verify::check(&label, &layer.digest, &h.finish()?)?;
+                if leased {
+                    leases.keep(file, label);
                 }
+            }
+            (Blob::File { file, offset, len }, Route::Buffered { .. }) => {
+                let mut range = FileRange {
+                    file: &file,
+                    offset,
+                    left: len,
+                };
+                let mut tick = ticker(progress, &verifier, None);
+                buffered.run(&mut range, layer, &label, &mut tick)?;
+            }
+            (Blob::Stream(mut body), _) => {
+                let mut tick = ticker(progress, &verifier, None);
+                buffered.run(&mut *body, layer, &label, &mut tick)?;
             }
         }
     }
-    copier.finish()?;
+    buffered.finish()?;
     verifier.finish()?;
+    leases.release(sink)?;
     signals::check()
 }
 
-/// How errors name a layer: its title and digest.
-fn layer_label(layer: &DiskLayer) -> String {
-    format!("{} ({})", layer.name(), layer.digest)
+/// Decide an opened blob's route; a file blob on its way to a kernel route
+/// is leased first.
+fn plan_blob(blob: Blob, policy: &Policy, sink: &Sink<'_>) -> Result<Planned> {
+    let (kind, leased) = match &blob {
+        Blob::Stream(_) => (BlobKind::Stream, false),
+        Blob::File { file, .. } => {
+            let same_fs = file
+                .metadata()
+                .is_ok_and(|m| sink.same_file_system(m.dev()));
+            let leased = policy.verify && policy.kernel && lease::take(file);
+            (BlobKind::File { same_fs, leased }, leased)
+        }
+    };
+    Ok(Planned {
+        blob,
+        route: route::choose(policy, kind),
+        leased,
+    })
 }
 
-/// One stream blob on its way into the sink.
-struct StreamPass<'a, 's, 'fd> {
-    label: &'a str,
-    size: u64,
-    copier: &'a mut Copier<'s, 'fd>,
-    buf: &'a mut Vec<u8>,
-    tick: Tick<'a>,
+/// The check after every chunk: progress, signals, a failed verdict
+/// elsewhere, and the lease of the blob being moved.
+fn ticker<'a>(
+    progress: &'a mut Progress,
+    verifier: &'a Verifier,
+    lease: Option<(&'a File, &'a str)>,
+) -> impl FnMut(u64) -> Result<()> + 'a {
+    move |n| {
+        progress.advance(n);
+        signals::check()?;
+        if verifier.failed() {
+            return Err(verifier.first_error().expect("a failure was flagged"));
+        }
+        match lease {
+            Some((file, label)) => lease::ensure_held(file, label),
+            None => Ok(()),
+        }
+    }
 }
 
-impl StreamPass<'_, '_, '_> {
-    /// Copy exactly `size` bytes of `body` into the sink. With a hasher, each
-    /// buffer goes to the hashing thread once written, so hashing overlaps
-    /// the next read and write; more or fewer bytes than `size` is an error.
-    fn run(&mut self, body: &mut dyn Read, mut hasher: Option<&mut StreamHasher>) -> Result<()> {
-        let label = self.label;
-        let mut left = self.size;
+/// A byte range of a file as a reader (`pread`, so the fd's position is
+/// never shared state).
+struct FileRange<'a> {
+    file: &'a File,
+    offset: u64,
+    left: u64,
+}
+
+impl Read for FileRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = usize::try_from(self.left).map_or(buf.len(), |l| l.min(buf.len()));
+        let got = pread(self.file, &mut buf[..want], self.offset)?;
+        self.offset += got as u64;
+        self.left -= got as u64;
+        Ok(got)
+    }
+}
+
+/// The buffered route: read a blob into buffers, write each, then hand the
+/// very buffer written to the hashing thread — so hashing overlaps the next
+/// read and write, and the digest covers exactly the bytes delivered.
+struct Buffered<'fd> {
+    out: BorrowedFd<'fd>,
+    holes: Option<HoleWriter<'fd>>,
+    verify: bool,
+    /// Started with the first blob that needs it.
+    hasher: Option<StreamHasher>,
+    /// The one buffer of an unverified run.
+    buf: Vec<u8>,
+}
+
+impl<'fd> Buffered<'fd> {
+    fn new(out: BorrowedFd<'fd>, holes: bool, verify: bool) -> Self {
+        Buffered {
+            out,
+            holes: holes.then(|| HoleWriter::new(out)),
+            verify,
+            hasher: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Move exactly `layer.size` bytes of `body` into the sink and check
+    /// them; more or fewer bytes than the size is an error.
+    fn run(
+        &mut self,
+        body: &mut dyn Read,
+        layer: &DiskLayer,
+        label: &str,
+        tick: Tick<'_>,
+    ) -> Result<()> {
+        if self.verify && self.hasher.is_none() {
+            self.hasher = Some(StreamHasher::new(BUF_SIZE)?);
+        }
+        let hasher = self.hasher.as_mut().filter(|_| self.verify);
+        if let Some(h) = &hasher {
+            h.start(layer.digest.algorithm())?;
+        }
+        let size = layer.size;
+        let mut left = size;
+        let mut hasher = hasher;
         while left > 0 {
             let mut buf = match hasher.as_deref_mut() {
                 Some(h) => h.buffer()?,
-                None => std::mem::take(self.buf),
+                None => std::mem::take(&mut self.buf),
             };
-            buf.resize(STREAM_BUF, 0);
-            let want = usize::try_from(left).map_or(STREAM_BUF, |l| l.min(STREAM_BUF));
+            buf.resize(BUF_SIZE, 0);
+            let want = usize::try_from(left).map_or(BUF_SIZE, |l| l.min(BUF_SIZE));
             // Fill the buffer (a network body hands out what one receive
             // brought): fewer, larger writes and hand-overs to the hasher.
             let mut n = 0;
             while n < want {
                 match body.read(&mut buf[n..want]) {
                     Ok(0) if n > 0 => break,
-                    Ok(0) => {
-                        return Err(Error::Integrity(format!(
-                            "{label}: blob is truncated: ended after {} of {} bytes",
-                            self.size - left,
-                            self.size
-                        )));
-                    }
+                    Ok(0) => return Err(Error::truncated(label, size - left, size)),
                     Ok(k) => n += k,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {
-                        signals::check()?;
-                    }
-                    Err(e) => return Err(read_error(label, e)),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => signals::check()?,
+                    Err(e) => return Err(Error::from_read(label, e)),
                 }
             }
-            if n > 0 {
-                self.copier.write_bytes(&buf[..n])?;
-                left -= n as u64;
-            }
+            let written = match self.holes.as_mut() {
+                Some(h) => h.write(&buf[..n]),
+                None => write_all(self.out, &buf[..n]),
+            };
+            written.map_err(output_error)?;
+            left -= n as u64;
             match hasher.as_deref_mut() {
                 Some(h) => h.feed(buf, n)?,
-                None => *self.buf = buf,
+                None => self.buf = buf,
             }
-            if n > 0 {
-                (self.tick)(n as u64)?;
-            }
+            tick(n as u64)?;
         }
         // One more read must find the end: a longer body is not the blob.
         let mut probe = [0u8; 1];
         loop {
             match body.read(&mut probe) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {
-                    return Err(Error::Integrity(format!(
-                        "{label}: blob is oversized: more than the expected {} bytes",
-                        self.size
-                    )));
-                }
+                Ok(0) => break,
+                Ok(_) => return Err(Error::oversized(label, size)),
                 Err(e) if e.kind() == ErrorKind::Interrupted => signals::check()?,
-                Err(e) => return Err(read_error(label, e)),
+                Err(e) => return Err(Error::from_read(label, e)),
             }
+        }
+        match hasher {
+            Some(h) => verify::check(label, &layer.digest, &h.finish()?),
+            None => Ok(()),
+        }
+    }
+
+    /// A file that ends in a hole gets its length.
+    fn finish(&mut self) -> Result<()> {
+        match self.holes.as_mut() {
+            Some(h) => h
+                .finish()
+                .map_err(|e| Error::io("finishing the output", e.into())),
+            None => Ok(()),
         }
     }
 }
 
-/// A read error of a stream blob. Sources that speak `io::Read` carry this
-/// crate's own errors (which name the layer already) inside `io::Error`;
-/// those come back out unchanged. Other I/O errors get the layer's label.
-fn read_error(label: &str, e: std::io::Error) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-        let inner = e
-            .into_inner()
-            .expect("checked above")
-            .downcast::<Error>()
-            .expect("checked above");
-        return *inner;
+/// A failed write into the sink: a signal, or what the kernel said.
+fn output_error(e: Errno) -> Error {
+    match e {
+        Errno::INTR => signals::check().err().unwrap_or(Error::Interrupted(0)),
+        e => Error::io("writing the output", e.into()),
     }
-    Error::io(format!("{label}: reading"), e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::{Algorithm, Digest};
+    use crate::source::Resolved;
+    use std::io::Cursor;
+    use std::os::fd::AsFd;
+
+    /// A source serving each layer's bytes from memory, as a stream or as a
+    /// file, whatever the digest says.
+    struct Fake {
+        blobs: Vec<Vec<u8>>,
+        as_files: bool,
+        dir: tempfile::TempDir,
+    }
+
+    impl BlobSource for Fake {
+        fn resolve(&self) -> Result<Resolved> {
+            Err(Error::Other("not used".into()))
+        }
+        fn open_blob(&self, layer: &DiskLayer) -> Result<Blob> {
+            let bytes = self.blobs[layer.index].clone();
+            if !self.as_files {
+                return Ok(Blob::Stream(Box::new(Cursor::new(bytes))));
+            }
+            let path = self.dir.path().join(layer.index.to_string());
+            std::fs::write(&path, &bytes).unwrap();
+            Ok(Blob::File {
+                file: File::open(&path).unwrap(),
+                offset: 0,
+                len: bytes.len() as u64,
+            })
+        }
+    }
+
+    fn bytes(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    /// A plan whose layers promise `parts` (size and digest), and a source
+    /// that serves `served` instead where given.
+    fn setup(parts: &[Vec<u8>], served: &[Vec<u8>], as_files: bool) -> (DiskPlan, Fake) {
+        let layers: Vec<DiskLayer> = parts
+            .iter()
+            .enumerate()
+            .map(|(index, p)| DiskLayer {
+                title: format!("disk.{index:02}.raw.part"),
+                media_type: "application/vnd.cocoonstack.disk.raw.part".into(),
+                size: p.len() as u64,
+                digest: Digest::of(Algorithm::Sha256, p),
+                index,
+            })
+            .collect();
+        let plan = DiskPlan {
+            format: Format::Raw,
+            total: layers.iter().map(|l| l.size).sum(),
+            layers,
+            skipped: Vec::new(),
+        };
+        let fake = Fake {
+            blobs: served.to_vec(),
+            as_files,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        (plan, fake)
+    }
+
+    /// Stream into a fresh regular file; the bytes written and the result.
+    fn run(plan: &DiskPlan, fake: &Fake, verify: bool) -> (Vec<u8>, Result<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let out = File::create_new(&path).unwrap();
+        let sink = Sink::new(out.as_fd()).unwrap();
+        let opts = Options {
+            verify,
+            sparse: Sparse::Never,
+            ..Options::default()
+        };
+        let mut progress = Progress::new(plan.total, true);
+        let r = stream_plan(plan, fake, &sink, &opts, &mut progress);
+        (std::fs::read(&path).unwrap(), r)
+    }
+
+    #[test]
+    fn parts_arrive_whole_and_in_order_from_streams_and_files() {
+        let parts = vec![bytes(3 << 20, 1), bytes(5, 2), bytes((1 << 20) + 1, 3)];
+        for as_files in [false, true] {
+            let (plan, fake) = setup(&parts, &parts, as_files);
+            let (out, r) = run(&plan, &fake, true);
+            r.unwrap();
+            assert_eq!(out, parts.concat(), "as_files={as_files}");
+        }
+    }
+
+    #[test]
+    fn a_short_stream_blob_is_truncated_naming_the_layer() {
+        let parts = vec![bytes(1000, 1), bytes(2000, 2)];
+        let served = vec![parts[0].clone(), parts[1][..1500].to_vec()];
+        let (plan, fake) = setup(&parts, &served, false);
+        let e = run(&plan, &fake, true).1.unwrap_err().to_string();
+        assert!(e.contains("disk.01.raw.part"), "{e}");
+        assert!(
+            e.contains("truncated: ended after 1500 of 2000 bytes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_long_stream_blob_is_oversized() {
+        let parts = vec![bytes(1000, 1)];
+        let served = vec![bytes(1001, 1)];
+        let (plan, fake) = setup(&parts, &served, false);
+        let e = run(&plan, &fake, true).1.unwrap_err().to_string();
+        assert!(e.contains("oversized"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_digest_fails_on_every_route_unless_unverified() {
+        let parts = vec![bytes(2 << 20, 1), bytes(1 << 20, 2)];
+        let mut served = parts.clone();
+        served[1][4242] ^= 1;
+        for as_files in [false, true] {
+            let (plan, fake) = setup(&parts, &served, as_files);
+            let e = run(&plan, &fake, true).1.unwrap_err().to_string();
+            assert!(e.contains("disk.01.raw.part"), "{e}");
+            assert!(e.contains("digest mismatch"), "{e}");
+            let (out, r) = run(&plan, &fake, false);
+            r.unwrap();
+            assert_eq!(out, served.concat());
+        }
+    }
 }

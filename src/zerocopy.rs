@@ -1,21 +1,25 @@
-//! The syscall loops that move bytes into the sink: splice, copy_file_range,
-//! sendfile, splice through a pipe of our own, and plain read/write.
+//! The syscall loops that move a file range into the sink along a kernel
+//! route: splice, copy_file_range, sendfile, splice through a pipe of our
+//! own, and plain read/write.
 //!
-//! Each strategy moves one chunk per call and reports how much it moved. When
-//! the kernel refuses a strategy for this pair of fds (`EINVAL`, `ENOSYS`,
-//! `EXDEV`, `EOPNOTSUPP`), the copier moves on to the next strategy of the
-//! sink's list *from the byte reached*: a refused call moved nothing, so no
-//! byte is lost or repeated. Short transfers simply loop.
+//! Each strategy moves one chunk per call and says how it went with a
+//! [`Step`]: bytes moved, refused (the kernel will not do this for this pair
+//! of fds: `EINVAL`, `ENOSYS`, `EXDEV`, `EOPNOTSUPP`, `EBADF`), or bytes moved
+//! and then refused. Only [`Copier::copy_range`] changes strategy, always
+//! from the byte reached, so no byte is lost or repeated. Short transfers
+//! simply loop.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 
 use crate::error::{Error, Result};
+use crate::route::Strategy;
 use crate::signals;
-use crate::sink::{Sink, Strategy, grow_pipe};
+use crate::sink::{Sink, grow_pipe};
 
 /// Largest request per call. Big enough that syscall overhead vanishes and a
 /// reflink covers a whole part in few calls, small enough that progress and
@@ -24,189 +28,100 @@ const SPLICE_CHUNK: usize = 16 << 20;
 const COPY_RANGE_CHUNK: usize = 1 << 30;
 const SENDFILE_CHUNK: usize = 16 << 20;
 /// The user-space buffer of the read/write path.
-const BUF_SIZE: usize = 1 << 20;
+pub const BUF_SIZE: usize = 1 << 20;
+
+/// A byte range of a blob file: serve sends arbitrary ones, the stream
+/// whole blobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub offset: u64,
+    pub len: u64,
+}
 
 /// Called after every chunk with the number of bytes moved; an error aborts
-/// the copy (a signal, a failed digest elsewhere).
+/// the copy (a signal, a failed digest elsewhere, a broken lease).
 pub type Tick<'a> = &'a mut dyn FnMut(u64) -> Result<()>;
 
-/// Moves file ranges and byte slices into one sink, remembering which
-/// strategy the kernel accepted.
-pub struct Copier<'s, 'fd> {
-    sink: &'s Sink<'fd>,
-    /// Index into `sink.strategies()` of the strategy in use.
-    current: usize,
-    buf: Vec<u8>,
-    /// Our own pipe for [`Strategy::SpliceViaPipe`], made on first use.
-    pipe: Option<(OwnedFd, OwnedFd)>,
-    /// When zero blocks become holes (regular-file sinks only).
-    sparse: Sparse,
-    /// The output's device, to tell whether a blob shares its file system.
-    out_dev: Option<u64>,
-    /// A hole was skipped at the end: the file must be extended at finish.
-    skipped: bool,
-}
-
-/// Whether zero blocks of the disk become holes in a regular-file output.
+/// How one call of a strategy went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sparse {
-    /// Never: every byte is written.
-    Never,
-    /// Holes, except for blobs on the output's own file system: there an
-    /// in-kernel copy (a reflink where possible) costs no new space or less
-    /// time than reading and scanning.
-    Auto,
-    /// Holes for every zero block, whatever the source.
-    Always,
+pub enum Step {
+    /// `n` bytes moved (0: the file ended early).
+    Moved(usize),
+    /// The kernel refuses this strategy for this pair of fds; nothing moved.
+    Refused,
+    /// `n` bytes moved, then the strategy was refused: go on with the next.
+    MovedThenRefused(usize),
 }
 
-/// The granularity of holes: a file-system block.
-const HOLE_BLOCK: usize = 4096;
-
-fn is_zero(block: &[u8]) -> bool {
-    let (head, words, tail) = unsafe { block.align_to::<u128>() };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
-fn falls_back(e: Errno) -> bool {
+/// Whether an errno means "not for this pair of fds", not a failure.
+fn refused(e: Errno) -> bool {
     matches!(
         e,
         Errno::INVAL | Errno::NOSYS | Errno::XDEV | Errno::OPNOTSUPP | Errno::BADF
     )
 }
 
+/// Moves file ranges into one sink.
+pub struct Copier<'s, 'fd> {
+    sink: &'s Sink<'fd>,
+    buf: Vec<u8>,
+    /// Our own pipe for [`Strategy::SpliceViaPipe`], made on first use.
+    pipe: Option<(OwnedFd, OwnedFd)>,
+}
+
 impl<'s, 'fd> Copier<'s, 'fd> {
     pub fn new(sink: &'s Sink<'fd>) -> Self {
         Copier {
             sink,
-            current: 0,
             buf: Vec::new(),
             pipe: None,
-            sparse: Sparse::Never,
-            out_dev: None,
-            skipped: false,
         }
     }
 
-    /// Make zero blocks holes, as `mode` says, when the sink is a regular
-    /// file positioned at its end (so a skipped block reads back as zeros).
-    pub fn set_sparse(&mut self, mode: Sparse) -> Result<()> {
-        if mode == Sparse::Never || self.sink.kind() != crate::sink::SinkKind::File {
-            return Ok(());
-        }
-        let out = self.sink.fd();
-        let st =
-            rustix::fs::fstat(out).map_err(|e| Error::io("inspecting the output", e.into()))?;
-        let pos = rustix::fs::seek(out, rustix::fs::SeekFrom::Current(0))
-            .map_err(|e| Error::io("inspecting the output", e.into()))?;
-        if pos >= st.st_size as u64 {
-            self.sparse = mode;
-            self.out_dev = Some(st.st_dev);
-        }
-        Ok(())
-    }
-
-    /// Whether this blob's zero blocks become holes.
-    fn sparse_for(&self, file: &File) -> bool {
-        match self.sparse {
-            Sparse::Never => false,
-            Sparse::Always => true,
-            Sparse::Auto => rustix::fs::fstat(file).is_ok_and(|st| Some(st.st_dev) != self.out_dev),
-        }
-    }
-
-    /// Finish the output: a file that ends in a hole gets its full length.
-    pub fn finish(&mut self) -> Result<()> {
-        if !self.skipped {
-            return Ok(());
-        }
-        let out = self.sink.fd();
-        let pos = rustix::fs::seek(out, rustix::fs::SeekFrom::Current(0))
-            .map_err(|e| Error::io("finishing the output", e.into()))?;
-        rustix::fs::ftruncate(out, pos).map_err(|e| Error::io("finishing the output", e.into()))
-    }
-
-    /// Write `bytes` with zero blocks (aligned to the output offset) skipped
-    /// by seeking over them: one `write` per run of data, one `lseek` per run
-    /// of zero blocks.
-    fn write_sparse(&mut self, bytes: &[u8]) -> std::result::Result<(), Errno> {
-        let out = self.sink.fd();
-        let pos = rustix::fs::seek(out, rustix::fs::SeekFrom::Current(0))?;
-        let mut run_start = 0usize;
-        let mut run_zero: Option<bool> = None;
-        let mut at = 0usize;
-        // The first block ends at the next block boundary of the output.
-        let mut end = (HOLE_BLOCK - (pos as usize % HOLE_BLOCK)).min(bytes.len());
-        let flush = |from: usize, to: usize, zero: bool| -> std::result::Result<(), Errno> {
-            if zero {
-                rustix::fs::seek(out, rustix::fs::SeekFrom::Current((to - from) as i64))?;
-            } else {
-                write_all(out, &bytes[from..to])?;
-            }
-            Ok(())
-        };
-        while at < bytes.len() {
-            let zero = end - at == HOLE_BLOCK && is_zero(&bytes[at..end]);
-            match run_zero {
-                Some(z) if z != zero => {
-                    flush(run_start, at, z)?;
-                    run_start = at;
-                }
-                _ => {}
-            }
-            run_zero = Some(zero);
-            at = end;
-            end = (at + HOLE_BLOCK).min(bytes.len());
-        }
-        if let Some(z) = run_zero {
-            flush(run_start, bytes.len(), z)?;
-            // A trailing hole must be given its length at the end.
-            self.skipped = z;
-        }
-        Ok(())
-    }
-
-    /// The strategy in use now (it can change after a fallback).
-    pub fn strategy(&self) -> Strategy {
-        self.sink.strategies()[self.current]
-    }
-
-    /// Copy exactly `len` bytes of `file` from `offset` into the sink.
-    /// `what` names the blob in errors.
+    /// Copy exactly `range` of `file` into the sink, trying `strategies` in
+    /// order. `what` names the blob in errors.
     pub fn copy_range(
         &mut self,
         file: &File,
-        mut offset: u64,
-        len: u64,
+        range: Range,
+        strategies: &[Strategy],
         what: &str,
         tick: Tick<'_>,
     ) -> Result<()> {
+        let Range { mut offset, len } = range;
         let mut left = len;
-        let sparse = self.sparse_for(file);
+        let mut current = 0;
         while left > 0 {
-            let strategy = if sparse {
-                Strategy::ReadWrite
-            } else {
-                self.strategy()
-            };
-            match self.step(strategy, file, offset, left) {
-                Ok(0) => {
+            let strategy = *strategies
+                .get(current)
+                .ok_or_else(|| Error::Other(format!("copying {what}: no way to move its bytes")))?;
+            let (moved, next) = match self.step(strategy, file, offset, left) {
+                Ok(Step::Moved(0)) => {
                     return Err(Error::Integrity(format!(
                         "{what}: blob ended after {} of {len} bytes",
                         len - left
                     )));
                 }
-                Ok(n) => {
-                    let n = n as u64;
-                    offset += n;
-                    left -= n;
-                    tick(n)?;
+                Ok(Step::Moved(n)) => (n, false),
+                Ok(Step::Refused) => (0, true),
+                Ok(Step::MovedThenRefused(n)) => (n, true),
+                Err(Errno::INTR) => {
+                    signals::check()?;
+                    (0, false)
                 }
-                Err(Errno::INTR) => signals::check()?,
-                Err(e) if falls_back(e) && self.current + 1 < self.sink.strategies().len() => {
-                    self.current += 1;
+                Err(Errno::AGAIN) => {
+                    wait_writable(self.sink.fd())?;
+                    (0, false)
                 }
                 Err(e) => return Err(Error::io(format!("copying {what}"), e.into())),
+            };
+            if next {
+                current += 1;
+            }
+            if moved > 0 {
+                offset += moved as u64;
+                left -= moved as u64;
+                tick(moved as u64)?;
             }
         }
         Ok(())
@@ -219,11 +134,11 @@ impl<'s, 'fd> Copier<'s, 'fd> {
         file: &File,
         offset: u64,
         left: u64,
-    ) -> std::result::Result<usize, Errno> {
+    ) -> std::result::Result<Step, Errno> {
         let out = self.sink.fd();
         let mut off = offset;
         let want = |cap: usize| usize::try_from(left).map_or(cap, |l| l.min(cap));
-        match strategy {
+        let moved = match strategy {
             Strategy::Splice => rustix::pipe::splice(
                 file,
                 Some(&mut off),
@@ -238,38 +153,34 @@ impl<'s, 'fd> Copier<'s, 'fd> {
             Strategy::Sendfile => {
                 rustix::fs::sendfile(out, file, Some(&mut off), want(SENDFILE_CHUNK))
             }
-            Strategy::SpliceViaPipe => self.splice_via_pipe(file, offset, want(SPLICE_CHUNK)),
+            Strategy::SpliceViaPipe => {
+                return self.splice_via_pipe(file, offset, want(SPLICE_CHUNK));
+            }
             Strategy::ReadWrite => {
+                // The last resort: its errors are errors, never a refusal.
                 let n = want(BUF_SIZE);
                 self.buf.resize(BUF_SIZE, 0);
-                let got = loop {
-                    match rustix::io::pread(file, &mut self.buf[..n], offset) {
-                        Err(Errno::INTR) if signals::pending().is_none() => {}
-                        r => break r?,
-                    }
-                };
-                if self.sparse != Sparse::Never {
-                    let buf = std::mem::take(&mut self.buf);
-                    let written = self.write_sparse(&buf[..got]);
-                    self.buf = buf;
-                    written?;
-                } else {
-                    write_all(out, &self.buf[..got])?;
-                }
-                Ok(got)
+                let got = pread(file, &mut self.buf[..n], offset)?;
+                write_all(out, &self.buf[..got])?;
+                return Ok(Step::Moved(got));
             }
+        };
+        match moved {
+            Ok(n) => Ok(Step::Moved(n)),
+            Err(e) if refused(e) => Ok(Step::Refused),
+            Err(e) => Err(e),
         }
     }
 
     /// file → our pipe → sink. Whatever entered the pipe leaves it before we
-    /// return: if the sink refuses splice half-way, the rest is read back
-    /// out of the pipe and written, and the copier falls back for the future.
+    /// return: if the sink refuses splice half-way, the rest is read back out
+    /// of the pipe and written, and the step says so.
     fn splice_via_pipe(
         &mut self,
         file: &File,
         offset: u64,
         len: usize,
-    ) -> std::result::Result<usize, Errno> {
+    ) -> std::result::Result<Step, Errno> {
         if self.pipe.is_none() {
             let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
             grow_pipe(w.as_fd());
@@ -278,35 +189,36 @@ impl<'s, 'fd> Copier<'s, 'fd> {
         let (r, w) = self.pipe.as_ref().expect("pipe just made");
         let out = self.sink.fd();
         let mut off = offset;
-        let n = rustix::pipe::splice(file, Some(&mut off), w, None, len, SpliceFlags::MORE)?;
+        let n = match rustix::pipe::splice(file, Some(&mut off), w, None, len, SpliceFlags::MORE) {
+            Ok(n) => n,
+            Err(e) if refused(e) => return Ok(Step::Refused),
+            Err(e) => return Err(e),
+        };
         let mut inside = n;
         while inside > 0 {
             match rustix::pipe::splice(r, None, out, None, inside, SpliceFlags::MORE) {
                 Ok(0) => return Err(Errno::IO),
                 Ok(k) => inside -= k,
                 Err(Errno::INTR) if signals::pending().is_none() => {}
-                Err(e) if falls_back(e) => {
+                Err(Errno::AGAIN) => wait_writable_errno(out)?,
+                Err(e) if refused(e) => {
                     drain_pipe(r, out, inside, &mut self.buf)?;
-                    self.current += 1;
-                    return Ok(n);
+                    return Ok(Step::MovedThenRefused(n));
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(n)
+        Ok(Step::Moved(n))
     }
+}
 
-    /// Write a byte slice (from a stream blob) into the sink.
-    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
-        let written = if self.sparse == Sparse::Never {
-            write_all(self.sink.fd(), bytes)
-        } else {
-            self.write_sparse(bytes)
-        };
-        written.map_err(|e| match e {
-            Errno::INTR => signals::check().err().unwrap_or(Error::Interrupted(0)),
-            e => Error::io("writing the output", e.into()),
-        })
+/// `pread` that retries `EINTR` unless a signal is pending.
+pub fn pread(file: &File, buf: &mut [u8], offset: u64) -> std::result::Result<usize, Errno> {
+    loop {
+        match rustix::io::pread(file, &mut *buf, offset) {
+            Err(Errno::INTR) if signals::pending().is_none() => {}
+            r => return r,
+        }
     }
 }
 
@@ -332,16 +244,186 @@ fn drain_pipe(
     Ok(())
 }
 
-/// `write` until everything is out. EINTR is retried unless a signal is
-/// pending, in which case it is reported so the caller can abort.
+/// `write` until everything is out. `EINTR` is retried unless a signal is
+/// pending, in which case it is reported so the caller can abort; an output
+/// in non-blocking mode (`EAGAIN`) is waited for.
 pub fn write_all(out: BorrowedFd<'_>, mut bytes: &[u8]) -> std::result::Result<(), Errno> {
     while !bytes.is_empty() {
         match rustix::io::write(out, bytes) {
             Ok(0) => return Err(Errno::IO),
             Ok(n) => bytes = &bytes[n..],
             Err(Errno::INTR) if signals::pending().is_none() => {}
+            Err(Errno::AGAIN) => wait_writable_errno(out)?,
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Block until `out` (a non-blocking output someone handed us) takes bytes
+/// again. `EINTR` with a signal pending is reported.
+fn wait_writable_errno(out: BorrowedFd<'_>) -> std::result::Result<(), Errno> {
+    let mut fds = [PollFd::new(&out, PollFlags::OUT)];
+    loop {
+        match rustix::event::poll(&mut fds, None) {
+            Err(Errno::INTR) if signals::pending().is_none() => {}
+            Err(e) => return Err(e),
+            // POLLERR/POLLHUP: the next write reports what happened.
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+fn wait_writable(out: BorrowedFd<'_>) -> Result<()> {
+    wait_writable_errno(out).map_err(|e| match e {
+        Errno::INTR => signals::check().err().unwrap_or(Error::Interrupted(0)),
+        e => Error::io("waiting for the output", e.into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::strategies;
+    use crate::sink::SinkKind;
+    use std::io::{Read, Write};
+
+    fn blob(len: usize) -> (tempfile::TempDir, File, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        (dir, File::open(&path).unwrap(), data)
+    }
+
+    fn copy_into(sink_fd: BorrowedFd<'_>, file: &File, range: Range, s: &[Strategy]) -> u64 {
+        let sink = Sink::new(sink_fd).unwrap();
+        let mut copier = Copier::new(&sink);
+        let mut ticks = 0;
+        copier
+            .copy_range(file, range, s, "blob", &mut |n| {
+                ticks += n;
+                Ok(())
+            })
+            .unwrap();
+        ticks
+    }
+
+    #[test]
+    fn every_strategy_moves_an_arbitrary_range_exactly() {
+        let (_d, file, data) = blob(3 << 20);
+        let range = Range {
+            offset: 12345,
+            len: (2 << 20) + 777,
+        };
+        let want = &data[12345..12345 + range.len as usize];
+        let out_dir = tempfile::tempdir().unwrap();
+        for s in [
+            Strategy::CopyFileRange,
+            Strategy::Sendfile,
+            Strategy::SpliceViaPipe,
+            Strategy::ReadWrite,
+        ] {
+            let path = out_dir.path().join(format!("{s:?}"));
+            let out = File::create_new(&path).unwrap();
+            assert_eq!(copy_into(out.as_fd(), &file, range, &[s]), range.len);
+            assert_eq!(std::fs::read(&path).unwrap(), want, "{s:?}");
+        }
+        // Splice needs a pipe on one side: read it on a thread.
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            File::from(r).read_to_end(&mut got).unwrap();
+            got
+        });
+        copy_into(w.as_fd(), &file, range, &[Strategy::Splice]);
+        drop(w);
+        assert_eq!(reader.join().unwrap(), want);
+    }
+
+    #[test]
+    fn a_refused_strategy_hands_over_at_the_byte_reached() {
+        // An append-mode file refuses copy_file_range and splice (EINVAL/
+        // EBADF): the list falls through to read/write, nothing lost or
+        // repeated.
+        let (_d, file, data) = blob(1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut out = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        out.write_all(b"head").unwrap();
+        let all = Range {
+            offset: 0,
+            len: data.len() as u64,
+        };
+        let list = [
+            Strategy::CopyFileRange,
+            Strategy::SpliceViaPipe,
+            Strategy::ReadWrite,
+        ];
+        copy_into(out.as_fd(), &file, all, &list);
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(&back[..4], b"head");
+        assert_eq!(&back[4..], &data[..]);
+        assert_eq!(Sink::new(out.as_fd()).unwrap().kind(), SinkKind::Other);
+        assert_eq!(strategies(SinkKind::Other), &list[1..]);
+    }
+
+    #[test]
+    fn a_blob_shorter_than_its_range_is_an_integrity_error() {
+        let (_d, file, _) = blob(1000);
+        let dir = tempfile::tempdir().unwrap();
+        let out = File::create_new(dir.path().join("out")).unwrap();
+        let sink = Sink::new(out.as_fd()).unwrap();
+        let e = Copier::new(&sink)
+            .copy_range(
+                &file,
+                Range {
+                    offset: 0,
+                    len: 2000,
+                },
+                strategies(SinkKind::File),
+                "layer \"p\"",
+                &mut |_| Ok(()),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Integrity(_)), "{e}");
+        assert!(
+            e.to_string().contains("ended after 1000 of 2000 bytes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_non_blocking_pipe_is_waited_for_not_failed() {
+        let (_d, file, data) = blob(4 << 20);
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        rustix::fs::fcntl_setfl(&w, rustix::fs::OFlags::NONBLOCK).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut r = File::from(r);
+            let mut buf = [0u8; 4096];
+            loop {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                match r.read(&mut buf).unwrap() {
+                    0 => return got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        let all = Range {
+            offset: 0,
+            len: data.len() as u64,
+        };
+        for s in [Strategy::Splice, Strategy::ReadWrite] {
+            copy_into(w.as_fd(), &file, all, &[s]);
+        }
+        drop(w);
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..data.len()], &data[..]);
+        assert_eq!(&got[data.len()..], &data[..]);
+    }
 }

@@ -1575,3 +1575,126 @@ fn sigterm_during_get_to_a_file_leaves_nothing() {
         &["--connections", "1", "--retries", "0"],
     );
 }
+
+// ---- Verified bytes under a concurrent writer ----
+//
+// A local user rewrites 4 KiB in the middle of a layout blob, with other
+// bytes and back, every 200 µs while cloudimg streams it. Whatever the run
+// ends with, a success must mean the delivered bytes are the image's: either
+// the blob was leased (no writer could get in unnoticed) or its bytes were
+// hashed exactly as written.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How the hostile writer holds the blob.
+#[derive(Clone, Copy, Debug)]
+enum Writer {
+    /// Opened once for writing before cloudimg starts (no lease possible).
+    Holding,
+    /// Opened anew for every rewrite (each open breaks a lease).
+    Reopening,
+}
+
+/// Rewrite 4 KiB at `at` of `path` with other bytes and back until `stop`.
+fn rewriter(
+    path: PathBuf,
+    at: u64,
+    how: Writer,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let original = {
+        let mut b = vec![0u8; 4096];
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut b, at)
+            .unwrap();
+        b
+    };
+    let other: Vec<u8> = original.iter().map(|b| !b).collect();
+    let open = {
+        let path = path.clone();
+        move || std::fs::OpenOptions::new().write(true).open(&path).unwrap()
+    };
+    let held = matches!(how, Writer::Holding).then(&open);
+    std::thread::spawn(move || {
+        let mut flip = false;
+        while !stop.load(Ordering::Relaxed) {
+            let bytes = if flip { &original } else { &other };
+            match &held {
+                Some(f) => f.write_all_at(bytes, at).unwrap(),
+                None => open().write_all_at(bytes, at).unwrap(),
+            }
+            flip = !flip;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // Leave the blob as it was.
+        let f = open();
+        f.write_all_at(&original, at).unwrap();
+    })
+}
+
+/// `runs` runs of `get` (through a pipe, or `-o FILE`) of a 64 MiB one-part
+/// layout under the rewriter: every success delivers the image's bytes.
+/// Returns how many runs succeeded.
+fn concurrent_writer(how: Writer, to_file: bool, runs: usize) -> usize {
+    let disk = data(64 * MIB, 77);
+    let image = Image::split(&disk, disk.len());
+    let (_tmp, layout) = layout_with(&image, &manifest_bytes(&image));
+    let blob = layout.blob_path(&sha256(&disk));
+    let source = layout.source("latest");
+    let out_dir = TempDir::new().unwrap();
+    let target = out_dir.path().join("disk.img");
+    let mut ok = 0;
+    for run in 0..runs {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = rewriter(blob.clone(), 32 * MIB as u64, how, Arc::clone(&stop));
+        std::thread::sleep(Duration::from_millis(2));
+        let mut args = vec!["get", "-q", source.as_str()];
+        if to_file {
+            args.extend(["-o", target.to_str().unwrap()]);
+        }
+        let out = cmd(&args, &[]).output().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        if out.status.success() {
+            let got = if to_file {
+                std::fs::read(&target).unwrap()
+            } else {
+                out.stdout
+            };
+            assert!(
+                got == disk,
+                "run {run} ({how:?}, to_file={to_file}): exit 0 with bytes that are not the image"
+            );
+            ok += 1;
+        } else {
+            let line = failure(&out);
+            assert!(
+                line.contains("digest mismatch") || line.contains("opened for writing"),
+                "run {run}: {line}"
+            );
+            assert!(!target.exists(), "run {run}: {line}");
+        }
+        let _ = std::fs::remove_file(&target);
+        assert!(names(out_dir.path()).is_empty(), "run {run}: temp left");
+    }
+    println!("{how:?} to_file={to_file}: {ok} of {runs} runs succeeded");
+    ok
+}
+
+#[test]
+fn a_blob_rewritten_during_get_to_a_file_is_never_reported_verified() {
+    concurrent_writer(Writer::Holding, true, 50);
+}
+
+#[test]
+fn a_blob_rewritten_during_get_to_a_pipe_is_never_reported_verified() {
+    concurrent_writer(Writer::Holding, false, 25);
+}
+
+#[test]
+fn a_writer_opening_a_leased_blob_never_yields_a_verified_wrong_output() {
+    concurrent_writer(Writer::Reopening, true, 15);
+    concurrent_writer(Writer::Reopening, false, 15);
+}
