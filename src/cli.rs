@@ -12,7 +12,7 @@ use argh::FromArgs;
 use crate::error::{Error, Result};
 use crate::inspect::Report;
 use crate::manifest::disk_plan;
-use crate::output::Output;
+use crate::output::Target;
 use crate::progress::Progress;
 use crate::pull::{ExecCocoon, Puller};
 use crate::reference::Reference;
@@ -102,8 +102,8 @@ macro_rules! with_source_flags {
         }
 
         impl $name {
-            fn source_options(&self) -> Result<SourceOptions> {
-                source_options(SourceFlags {
+            fn source_flags(&self) -> SourceFlags<'_> {
+                SourceFlags {
                     platform: self.platform.as_deref(),
                     plain_http: self.plain_http,
                     username: self.username.as_deref(),
@@ -112,7 +112,11 @@ macro_rules! with_source_flags {
                     retries: self.retries,
                     stall_timeout: self.stall_timeout,
                     connections: self.connections,
-                })
+                }
+            }
+
+            fn source_options(&self) -> Result<SourceOptions> {
+                source_options(self.source_flags())
             }
         }
     };
@@ -125,9 +129,11 @@ with_source_flags! {
         subcommand,
         name = "get",
         note = "Every disk layer is checked for its exact size and digest; on a mismatch the \
-command exits 1 naming the layer. With -o FILE the disk is written beside FILE under a temporary \
-name and renamed only when complete and verified (a block device is written in place). Refuses \
-to write to a terminal."
+command exits 1 naming the layer. With -o FILE (a symlink: the file it names) the disk is \
+written into a new file beside FILE, unnamed while written where the file system allows, and \
+renamed over FILE only when complete and verified; only a regular file is ever replaced. A \
+device, pipe or FIFO is written in place, a unix socket connected to. Refuses to write to a \
+terminal."
     )]
     struct GetArgs {
         /// the image (see SOURCE in the top-level help)
@@ -207,10 +213,71 @@ pub const ENV_MIRRORS: &str = "CLOUDIMG_MIRRORS";
 /// Environment variable overriding the bytes per range request (tuning).
 pub const ENV_CHUNK: &str = "CLOUDIMG_CHUNK_SIZE";
 
+/// Flag values that cannot work, found before anything runs: a usage error
+/// (exit 2), one line.
+fn check_source_flags(f: &SourceFlags<'_>) -> std::result::Result<(), String> {
+    if let Some(p) = f.platform {
+        parse_platform(p).map_err(|e| e.to_string())?;
+    }
+    match (f.username, f.password_stdin) {
+        (Some(_), true) | (None, false) => {}
+        (Some(_), false) => {
+            return Err(
+                "--username needs --password-stdin (the password is read from stdin)".into(),
+            );
+        }
+        (None, true) => return Err("--password-stdin needs --username".into()),
+    }
+    for m in f.mirrors {
+        check_mirror(m)?;
+    }
+    if f.connections == Some(0) {
+        return Err("--connections must be at least 1".into());
+    }
+    if f.stall_timeout == 0 {
+        return Err("--stall-timeout must be at least 1 second".into());
+    }
+    Ok(())
+}
+
+fn check_mirror(m: &str) -> std::result::Result<(), String> {
+    if m.starts_with("http://") || m.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "mirror {m:?} must be an http:// or https:// base URL"
+        ))
+    }
+}
+
+fn parse_sparse(s: &str) -> std::result::Result<Sparse, String> {
+    match s {
+        "auto" => Ok(Sparse::Auto),
+        "always" => Ok(Sparse::Always),
+        "never" => Ok(Sparse::Never),
+        other => Err(format!(
+            "--sparse {other:?}: expected auto, always or never"
+        )),
+    }
+}
+
+/// The first usage error in the command's flag values, if any.
+fn usage_error(command: &Command) -> Option<String> {
+    let checked = match command {
+        Command::Get(a) => {
+            parse_sparse(&a.sparse).and_then(|_| check_source_flags(&a.source_flags()))
+        }
+        Command::Inspect(a) => check_source_flags(&a.source_flags()),
+        Command::Pull(a) => check_source_flags(&a.source_flags()),
+    };
+    checked.err()
+}
+
+/// Flags already passed [`check_source_flags`].
 fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
     let platform = f.platform.map(parse_platform).transpose()?;
-    let credentials = match (f.username, f.password_stdin) {
-        (Some(user), true) => {
+    let credentials = match f.username {
+        Some(user) if f.password_stdin => {
             let mut password = String::new();
             std::io::stdin()
                 .read_to_string(&mut password)
@@ -226,12 +293,7 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
                 password: Secret::new(password),
             })
         }
-        (None, false) => None,
-        _ => {
-            return Err(Error::Other(
-                "--username and --password-stdin go together".into(),
-            ));
-        }
+        _ => None,
     };
     let mut mirrors: Vec<String> = f.mirrors.to_vec();
     if mirrors.is_empty()
@@ -242,21 +304,9 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
             .filter(|m| !m.is_empty())
             .map(str::to_owned)
             .collect();
-    }
-    for m in &mirrors {
-        if !(m.starts_with("http://") || m.starts_with("https://")) {
-            return Err(Error::Other(format!(
-                "mirror {m:?} must be an http:// or https:// base URL"
-            )));
+        for m in &mirrors {
+            check_mirror(m).map_err(|e| Error::Other(format!("{ENV_MIRRORS}: {e}")))?;
         }
-    }
-    if f.connections == Some(0) {
-        return Err(Error::Other("--connections must be at least 1".into()));
-    }
-    if f.stall_timeout == 0 {
-        return Err(Error::Other(
-            "--stall-timeout must be at least 1 second".into(),
-        ));
     }
     let chunk_size = match std::env::var(ENV_CHUNK) {
         Ok(v) => v
@@ -280,6 +330,32 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
     })
 }
 
+/// Raise the soft limit on open files to the hard limit: a layout keeps
+/// one file open per layer, and an image of a thousand parts is past the
+/// usual soft limit of 1024. (When the hard limit is reached too, the
+/// layout's error names it.)
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit still stops at the kernel's nr_open.
+    let most = limit.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    if let (Some(current), Some(most)) = (limit.current, most)
+        && current < most
+    {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(most),
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
 /// Run the command line `args` (without the program name); returns the exit code.
 pub fn run(program: &str, args: &[String]) -> i32 {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -298,6 +374,15 @@ pub fn run(program: &str, args: &[String]) -> i32 {
             };
         }
     };
+    if let Some(message) = usage_error(&cli.command) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "cloudimg: {}",
+            crate::inspect::clean(&message)
+        );
+        return 2;
+    }
+    raise_open_file_limit();
     signals::install();
     let outcome = match cli.command {
         Command::Get(a) => get(a),
@@ -343,31 +428,29 @@ fn summary(verified: bool) -> &'static str {
 
 fn get(a: GetArgs) -> Result<()> {
     let stdout = std::io::stdout();
-    if a.output.is_none() && stdout.is_terminal() {
-        return Err(Error::Other(
-            "refusing to write a disk image to a terminal; use -o FILE or redirect stdout".into(),
-        ));
-    }
+    // The output is checked before the source is touched: a name that
+    // cannot be written fails before anything is fetched.
+    let target = match &a.output {
+        Some(path) => Some(Target::resolve(path)?),
+        None if stdout.is_terminal() => {
+            return Err(Error::Other(
+                "refusing to write a disk image to a terminal; use -o FILE or redirect stdout"
+                    .into(),
+            ));
+        }
+        None => None,
+    };
     let reference = Reference::parse(&a.source)?;
     let opts = Options {
-        sparse: match a.sparse.as_str() {
-            "auto" => Sparse::Auto,
-            "always" => Sparse::Always,
-            "never" => Sparse::Never,
-            other => {
-                return Err(Error::Other(format!(
-                    "--sparse {other:?}: expected auto, always or never"
-                )));
-            }
-        },
+        sparse: parse_sparse(&a.sparse).map_err(Error::Other)?,
         ..options(a.no_verify)
     };
     let source = source::open(&reference, &a.source_options()?)?;
     let resolved = source.resolve()?;
     let plan = disk_plan(&resolved.manifest)?;
     let mut progress = Progress::new(plan.total, a.quiet);
-    let result = match &a.output {
-        Some(path) => Output::open(path).and_then(|out| {
+    let result = match target {
+        Some(target) => target.open().and_then(|out| {
             let sink = Sink::new(out.file().as_fd())?;
             stream::stream_plan(&plan, &*source, &sink, &opts, &mut progress)?;
             out.commit()

@@ -155,16 +155,19 @@ pub fn human(n: u64) -> String {
     }
 }
 
-/// Text from a manifest, made safe for a terminal: control characters
-/// (newlines, escape sequences) are shown escaped instead of acting.
+/// Text from a manifest, made safe for a terminal: characters that act
+/// instead of showing — control characters (newlines, escape sequences),
+/// Unicode format characters (bidirectional overrides such as U+202E,
+/// zero-width ones such as U+200B) and the line and paragraph separators —
+/// are shown escaped (`\u{202e}`).
 pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(acts) {
         return std::borrow::Cow::Borrowed(s);
     }
     std::borrow::Cow::Owned(
         s.chars()
             .map(|c| {
-                if c.is_control() {
+                if acts(c) {
                     c.escape_default().to_string()
                 } else {
                     c.to_string()
@@ -172,6 +175,37 @@ pub fn clean(s: &str) -> std::borrow::Cow<'_, str> {
             })
             .collect(),
     )
+}
+
+/// Unicode's format characters (general category Cf), as ranges.
+const FORMAT: [(char, char); 21] = [
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{06DD}', '\u{06DD}'),
+    ('\u{070F}', '\u{070F}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08E2}', '\u{08E2}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{206F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFF9}', '\u{FFFB}'),
+    ('\u{110BD}', '\u{110BD}'),
+    ('\u{110CD}', '\u{110CD}'),
+    ('\u{13430}', '\u{1343F}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0001}', '\u{E0001}'),
+    ('\u{E0020}', '\u{E007F}'),
+    // Not Cf, but line breaks to some terminals: LINE and PARAGRAPH SEPARATOR.
+    ('\u{2028}', '\u{2029}'),
+];
+
+/// Whether `c` acts on a terminal instead of showing.
+fn acts(c: char) -> bool {
+    c.is_control() || FORMAT.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 
 #[cfg(test)]
@@ -182,5 +216,20 @@ mod tests {
     fn control_characters_are_escaped() {
         assert_eq!(clean("plain title"), "plain title");
         assert_eq!(clean("a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
+    }
+
+    #[test]
+    fn format_characters_are_escaped() {
+        assert_eq!(clean("evil\u{202e}gpj.exe"), "evil\\u{202e}gpj.exe");
+        assert_eq!(
+            clean("a\u{200b}b\u{feff}\u{2066}\u{2028}"),
+            "a\\u{200b}b\\u{feff}\\u{2066}\\u{2028}"
+        );
+        assert_eq!(clean("tag\u{e0041}"), "tag\\u{e0041}");
+        // Letters of any script stay as they are.
+        assert_eq!(
+            clean("Ubuntu 24.04 — Ωmega ☃ 日本"),
+            "Ubuntu 24.04 — Ωmega ☃ 日本"
+        );
     }
 }

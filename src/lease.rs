@@ -23,7 +23,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use nix::libc;
@@ -59,13 +59,13 @@ pub fn held(file: &File) -> bool {
 /// observe their pages.
 #[derive(Default)]
 pub struct Leases {
-    held: Vec<(File, String)>,
+    held: Vec<(Arc<File>, String)>,
 }
 
 impl Leases {
     /// Keep `file`, leased, until [`Leases::release`]; `label` names the
     /// blob in errors.
-    pub fn keep(&mut self, file: File, label: String) {
+    pub fn keep(&mut self, file: Arc<File>, label: String) {
         self.held.push((file, label));
     }
 

@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod digest;
 pub mod error;
+pub mod fdwait;
 pub mod holes;
 pub mod inspect;
 pub mod lease;

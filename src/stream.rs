@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 
 use rustix::io::Errno;
 
@@ -55,9 +56,20 @@ impl Default for Options {
 
 /// An open blob and the way it will take.
 struct Planned {
-    blob: Blob,
+    blob: Opened,
     route: Route,
     leased: bool,
+}
+
+/// A [`Blob`] once opened for the stream: a file is shared with the hashing
+/// thread (no second fd per layer) and, leased, kept until the end.
+enum Opened {
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
+    },
+    Stream(Box<dyn Read + Send>),
 }
 
 /// Stream the layers of `plan`, in order, into `sink`.
@@ -86,16 +98,13 @@ pub fn stream_plan(
         let mut next = slot + opened.len();
         while next < plan.layers.len() && next <= slot.saturating_add(ahead) {
             let l = &plan.layers[next];
-            let planned = plan_blob(source.open_blob(l)?, &policy, sink)?;
-            if let (true, Blob::File { file, offset, len }, Route::Kernel(_)) =
+            let planned = plan_blob(source.open_blob(l)?, &policy, sink);
+            if let (true, Opened::File { file, offset, len }, Route::Kernel(_)) =
                 (opts.verify, &planned.blob, planned.route)
             {
-                let file = file
-                    .try_clone()
-                    .map_err(|e| Error::io(format!("{}: duplicating fd", l.name()), e))?;
                 verifier.submit(Job {
                     slot: next,
-                    file,
+                    file: Arc::clone(file),
                     offset: *offset,
                     len: *len,
                     expected: l.digest.clone(),
@@ -113,9 +122,9 @@ pub fn stream_plan(
         } = opened.pop_front().expect("the current blob is open");
         let label = layer.label();
         match (blob, route) {
-            (Blob::File { file, offset, len }, Route::Kernel(strategies)) => {
+            (Opened::File { file, offset, len }, Route::Kernel(strategies)) => {
                 {
-                    let lease = leased.then_some((&file, label.as_str()));
+                    let lease = leased.then_some((&*file, label.as_str()));
                     let mut tick = ticker(progress, &verifier, lease);
                     let range = Range { offset, len };
                     copier.copy_range(&file, range, strategies, &label, &mut tick)?;
@@ -124,7 +133,7 @@ pub fn stream_plan(
                     leases.keep(file, label);
                 }
             }
-            (Blob::File { file, offset, len }, Route::Buffered { .. }) => {
+            (Opened::File { file, offset, len }, Route::Buffered { .. }) => {
                 let mut range = FileRange {
                     file: &file,
                     offset,
@@ -133,7 +142,7 @@ pub fn stream_plan(
                 let mut tick = ticker(progress, &verifier, None);
                 buffered.run(&mut range, layer, &label, &mut tick)?;
             }
-            (Blob::Stream(mut body), _) => {
+            (Opened::Stream(mut body), _) => {
                 let mut tick = ticker(progress, &verifier, None);
                 buffered.run(&mut *body, layer, &label, &mut tick)?;
             }
@@ -147,22 +156,24 @@ pub fn stream_plan(
 
 /// Decide an opened blob's route; a file blob on its way to a kernel route
 /// is leased first.
-fn plan_blob(blob: Blob, policy: &Policy, sink: &Sink<'_>) -> Result<Planned> {
-    let (kind, leased) = match &blob {
-        Blob::Stream(_) => (BlobKind::Stream, false),
-        Blob::File { file, .. } => {
+fn plan_blob(blob: Blob, policy: &Policy, sink: &Sink<'_>) -> Planned {
+    let (blob, kind, leased) = match blob {
+        Blob::Stream(body) => (Opened::Stream(body), BlobKind::Stream, false),
+        Blob::File { file, offset, len } => {
             let same_fs = file
                 .metadata()
                 .is_ok_and(|m| sink.same_file_system(m.dev()));
-            let leased = policy.verify && policy.kernel && lease::take(file);
-            (BlobKind::File { same_fs, leased }, leased)
+            let leased = policy.verify && policy.kernel && lease::take(&file);
+            let file = Arc::new(file);
+            let opened = Opened::File { file, offset, len };
+            (opened, BlobKind::File { same_fs, leased }, leased)
         }
     };
-    Ok(Planned {
+    Planned {
         blob,
         route: route::choose(policy, kind),
         leased,
-    })
+    }
 }
 
 /// The check after every chunk: progress, signals, a failed verdict

@@ -25,7 +25,7 @@ const WINDOW: usize = 1 << 20;
 pub struct Job {
     /// Position in the stream; the first failure in stream order is reported.
     pub slot: usize,
-    pub file: File,
+    pub file: Arc<File>,
     pub offset: u64,
     pub len: u64,
     pub expected: Digest,

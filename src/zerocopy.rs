@@ -12,11 +12,11 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 
 use crate::error::{Error, Result};
+use crate::fdwait;
 use crate::route::Strategy;
 use crate::signals;
 use crate::sink::{Sink, grow_pipe};
@@ -260,16 +260,13 @@ pub fn write_all(out: BorrowedFd<'_>, mut bytes: &[u8]) -> std::result::Result<(
     Ok(())
 }
 
-/// Block until `out` (a non-blocking output someone handed us) takes bytes
+/// Wait until `out` (a non-blocking output someone handed us) takes bytes
 /// again. `EINTR` with a signal pending is reported.
 fn wait_writable_errno(out: BorrowedFd<'_>) -> std::result::Result<(), Errno> {
-    let mut fds = [PollFd::new(&out, PollFlags::OUT)];
     loop {
-        match rustix::event::poll(&mut fds, None) {
+        match fdwait::wait_writable(out) {
             Err(Errno::INTR) if signals::pending().is_none() => {}
-            Err(e) => return Err(e),
-            // POLLERR/POLLHUP: the next write reports what happened.
-            Ok(_) => return Ok(()),
+            r => return r,
         }
     }
 }

@@ -1537,7 +1537,7 @@ fn signal_during_get_to_a_file(sig: Signal, code: i32, name: &str, args: &[&str]
     all.extend_from_slice(args);
     let mut child = cmd(&all, &[]).stderr(Stdio::piped()).spawn().unwrap();
     wait_until(Duration::from_secs(5), "the temporary file to fill", || {
-        names(out_dir.path()).values().any(|&len| len >= 600_002)
+        output_written(child.id(), out_dir.path()) >= 600_002
     });
     std::thread::sleep(Duration::from_millis(100));
     let sent = Instant::now();
@@ -1556,6 +1556,20 @@ fn signal_during_get_to_a_file(sig: Signal, code: i32, name: &str, args: &[&str]
         "left {:?}",
         names(out_dir.path())
     );
+}
+
+/// The size of the largest file process `pid` has open in `dir`: its
+/// output, named or not (an `O_TMPFILE` shows as `DIR/#INODE (deleted)`).
+fn output_written(pid: u32, dir: &Path) -> u64 {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to.starts_with(dir)))
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
 }
 
 #[test]
@@ -1697,4 +1711,560 @@ fn a_blob_rewritten_during_get_to_a_pipe_is_never_reported_verified() {
 fn a_writer_opening_a_leased_blob_never_yields_a_verified_wrong_output() {
     concurrent_writer(Writer::Reopening, true, 15);
     concurrent_writer(Writer::Reopening, false, 15);
+}
+
+// ---- Outputs, limits and usage ----
+//
+// `-o` onto FIFOs, sockets, terminals and symlinks; temporary names that a
+// killed run or a repeated PID leaves behind; the open-file limit with many
+// layers; escaping of what a manifest says; bad flag values and output paths
+// that must fail before anything is fetched.
+
+/// A layout with a 3 MiB image in four parts, and the disk it makes.
+fn small_layout(seed: u64) -> (TempDir, LayoutDir, Vec<u8>) {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    let image = Image::split(&data(3 * MIB + 12_345, seed), MIB);
+    layout.put_image(Some("latest"), &image);
+    (tmp, layout, expected_disk(&image))
+}
+
+fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+}
+
+fn file_type(path: &Path) -> std::fs::FileType {
+    std::fs::symlink_metadata(path).unwrap().file_type()
+}
+
+/// The entry names of `dir`, sorted (symlinks not followed).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    found
+}
+
+/// The result of a thread, if it finishes within `limit` (else it is left
+/// running: it may be blocked for good, which is the failure being shown).
+fn finished_within<T>(handle: std::thread::JoinHandle<T>, limit: Duration) -> Option<T> {
+    let end = Instant::now() + limit;
+    while !handle.is_finished() {
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(handle.join().unwrap())
+}
+
+/// `get -q SOURCE -o TARGET` must succeed (stdout and stderr captured).
+fn get_to(src: &str, target: &Path) -> Output {
+    let mut child = cmd(&["get", "-q", src, "-o", target.to_str().unwrap()], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(&mut child, Duration::from_secs(20));
+    let err = stderr_of(&mut child);
+    assert!(status.success(), "-o {}: {err}", target.display());
+    Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err.into_bytes(),
+    }
+}
+
+#[test]
+fn output_onto_a_fifo_or_a_link_to_one_is_written_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let (tmp, layout, want) = small_layout(200);
+    let src = layout.source("latest");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let links = tmp.path().join("links");
+    std::fs::create_dir(&links).unwrap();
+    std::os::unix::fs::symlink(&fifo, links.join("out")).unwrap();
+    for target in [fifo.clone(), links.join("out")] {
+        // Like `cat fifo & cloudimg get … -o fifo`.
+        let path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::fs::File::open(path)
+                .unwrap()
+                .read_to_end(&mut got)
+                .unwrap();
+            got
+        });
+        get_to(&src, &target);
+        let got = finished_within(reader, Duration::from_secs(10))
+            .expect("the FIFO's reader never got an end of file");
+        assert!(
+            got == want,
+            "-o {}: the reader got {} bytes, want {}",
+            target.display(),
+            got.len(),
+            want.len()
+        );
+        assert!(file_type(&fifo).is_fifo(), "the FIFO was replaced");
+        assert!(
+            file_type(&links.join("out")).is_symlink(),
+            "the link was replaced"
+        );
+        assert_eq!(entries(tmp.path()), ["fifo", "img", "links"]);
+        assert_eq!(entries(&links), ["out"]);
+    }
+}
+
+#[test]
+fn output_onto_a_link_to_a_pipe_writes_into_the_pipe() {
+    // What `-o /dev/stdout` is: a symlink to /proc/self/fd/1, here a pipe.
+    let (tmp, layout, want) = small_layout(201);
+    let link = tmp.path().join("stdout");
+    std::os::unix::fs::symlink("/proc/self/fd/1", &link).unwrap();
+    let out = cmd(
+        &[
+            "get",
+            "-q",
+            &layout.source("latest"),
+            "-o",
+            link.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == want,
+        "the pipe got {} bytes, want {}",
+        out.stdout.len(),
+        want.len()
+    );
+    assert!(file_type(&link).is_symlink(), "the link was replaced");
+    assert_eq!(entries(tmp.path()), ["img", "stdout"]);
+}
+
+#[test]
+fn output_onto_a_unix_socket_path_connects_and_writes_into_it() {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (tmp, layout, want) = small_layout(202);
+    let path = tmp.path().join("sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let finished = Arc::clone(&done);
+    let reader = std::thread::spawn(move || {
+        loop {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).unwrap();
+                    return Some(got);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // A connection made before cloudimg exited is queued.
+                    if finished.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    });
+    get_to(&layout.source("latest"), &path);
+    done.store(true, Ordering::SeqCst);
+    let got = finished_within(reader, Duration::from_secs(10))
+        .expect("the socket's reader never got an end of file")
+        .expect("nobody connected to the socket");
+    assert!(
+        got == want,
+        "the socket got {} bytes, want {}",
+        got.len(),
+        want.len()
+    );
+    assert!(file_type(&path).is_socket(), "the socket was replaced");
+    assert_eq!(entries(tmp.path()), ["img", "sock"]);
+}
+
+#[test]
+fn output_onto_a_terminal_is_refused() {
+    use std::os::fd::AsRawFd;
+    let (_tmp, layout, _want) = small_layout(203);
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    rustix::fs::fcntl_setfl(&pty.master, rustix::fs::OFlags::NONBLOCK).unwrap();
+    let mut child = cmd(
+        &[
+            "get",
+            "-q",
+            &layout.source("latest"),
+            "-o",
+            slave.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let status = wait_for(&mut child, Duration::from_secs(10));
+    let err = stderr_of(&mut child);
+    let line = failure(&Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err.into_bytes(),
+    });
+    assert!(line.contains("terminal"), "{line}");
+    let mut buf = [0u8; 4096];
+    match rustix::io::read(&pty.master, &mut buf) {
+        Err(rustix::io::Errno::AGAIN) => {}
+        other => panic!("something reached the terminal: {other:?}"),
+    }
+}
+
+/// Whether process `pid` is blocked opening a FIFO that has no reader.
+fn waiting_for_a_fifo_partner(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+        .is_ok_and(|w| w.contains("partner") || w.contains("fifo"))
+}
+
+#[test]
+fn a_signal_while_waiting_for_a_fifo_reader_ends_the_run() {
+    use std::os::unix::fs::FileTypeExt;
+    let (tmp, layout, _want) = small_layout(204);
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    for (sig, code, name) in [
+        (Signal::SIGINT, 130, "SIGINT"),
+        (Signal::SIGTERM, 143, "SIGTERM"),
+    ] {
+        let mut child = cmd(
+            &[
+                "get",
+                "-q",
+                &layout.source("latest"),
+                "-o",
+                fifo.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        // Nobody reads the FIFO: opening it for writing blocks.
+        wait_until(
+            Duration::from_secs(10),
+            "cloudimg to wait for a reader",
+            || waiting_for_a_fifo_partner(child.id()),
+        );
+        signal(&child, sig);
+        let status = wait_for(&mut child, Duration::from_secs(5));
+        let err = stderr_of(&mut child);
+        assert_eq!(status.code(), Some(code), "{err}");
+        assert_eq!(err.trim(), format!("cloudimg: interrupted by {name}"));
+        assert!(file_type(&fifo).is_fifo(), "the FIFO was replaced");
+        assert_eq!(entries(tmp.path()), ["fifo", "img"]);
+    }
+}
+
+#[test]
+fn output_through_a_symlink_writes_the_file_it_names() {
+    let (tmp, layout, want) = small_layout(205);
+    let src = layout.source("latest");
+    let real = tmp.path().join("real");
+    let links = tmp.path().join("links");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&links).unwrap();
+    std::fs::write(real.join("disk.img"), b"old contents").unwrap();
+    // An absolute link, a relative one, a chain, and one to a file not there yet.
+    std::os::unix::fs::symlink(real.join("disk.img"), links.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../real/disk.img", links.join("rel")).unwrap();
+    std::os::unix::fs::symlink("rel", links.join("chain")).unwrap();
+    std::os::unix::fs::symlink("../real/new.img", links.join("new")).unwrap();
+    for (link, file) in [
+        ("abs", "disk.img"),
+        ("rel", "disk.img"),
+        ("chain", "disk.img"),
+        ("new", "new.img"),
+    ] {
+        std::fs::write(real.join("disk.img"), b"old contents").unwrap();
+        get_to(&src, &links.join(link));
+        assert!(
+            std::fs::read(real.join(file)).unwrap() == want,
+            "-o links/{link}: real/{file} does not hold the disk"
+        );
+        for l in ["abs", "rel", "chain", "new"] {
+            assert!(file_type(&links.join(l)).is_symlink(), "links/{l} replaced");
+        }
+        assert_eq!(entries(&links), ["abs", "chain", "new", "rel"]);
+    }
+    assert_eq!(entries(&real), ["disk.img", "new.img"]);
+}
+
+#[test]
+fn a_temporary_file_left_by_an_earlier_run_with_the_same_pid_does_not_block() {
+    // In a container or an initramfs, cloudimg is often PID 1 every time.
+    let probe = Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: cannot make a PID namespace with unshare");
+        return;
+    }
+    let (tmp, layout, want) = small_layout(206);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    // What a run killed by SIGKILL or a power cut left behind.
+    for pid in 1..=3 {
+        std::fs::write(out.join(format!(".disk.img.cloudimg-{pid}.tmp")), b"stale").unwrap();
+    }
+    let target = out.join("disk.img");
+    for _ in 0..2 {
+        let run = Command::new("unshare")
+            .args(["--pid", "--fork", "--", env!("CARGO_BIN_EXE_cloudimg")])
+            .args(["get", "-q", &layout.source("latest"), "-o"])
+            .arg(&target)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(std::fs::read(&target).unwrap() == want);
+    }
+    // Another run's files are not ours to remove.
+    assert_eq!(entries(&out).len(), 4, "{:?}", entries(&out));
+}
+
+#[test]
+fn a_run_killed_mid_stream_leaves_no_temporary_file() {
+    let out_dir = TempDir::new().unwrap();
+    let tmpfile = rustix::fs::open(
+        out_dir.path(),
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::TMPFILE,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    );
+    if tmpfile.is_err() || !Path::new("/proc/self/fd").is_dir() {
+        eprintln!("skipping: no O_TMPFILE here (or no /proc), so a named temporary file is used");
+        return;
+    }
+    drop(tmpfile);
+    let image = Image::split(&data(3 * 300_001, 210), 300_001);
+    let last = sha256(&part(&image, 2).data);
+    let stalled = last.clone();
+    let site = Site::new(&image);
+    let server = Server::start(move |req, _| {
+        site.serve(req, |b| {
+            if req.path().ends_with(&stalled) {
+                Reply::blob(b).stall_after(10_000, Duration::from_secs(30))
+            } else {
+                Reply::blob(b)
+            }
+        })
+    });
+    let target = out_dir.path().join("disk.img");
+    let mut child = cmd(
+        &[
+            "get",
+            "-q",
+            &source_of(&server),
+            "-o",
+            target.to_str().unwrap(),
+            "--connections",
+            "1",
+        ],
+        &[],
+    )
+    .spawn()
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the last part to be requested",
+        || server.requests().iter().any(|r| r.path().ends_with(&last)),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        entries(out_dir.path()).is_empty(),
+        "SIGKILL left {:?}",
+        entries(out_dir.path())
+    );
+}
+
+/// The binary under `ulimit -n SOFT` with hard limit HARD.
+fn with_open_file_limit(mut c: Command, soft: u64, hard: u64) -> Command {
+    use std::os::unix::process::CommandExt;
+    let limit = rustix::process::Rlimit {
+        current: Some(soft),
+        maximum: Some(hard),
+    };
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of ours.
+    unsafe {
+        c.pre_exec(move || {
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+    c
+}
+
+#[test]
+fn many_layers_under_a_low_open_file_limit() {
+    // 300 parts, one open file each, against a soft limit of 64.
+    let image = Image::split(&data(300 * 1000, 211), 1000);
+    let want = expected_disk(&image);
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    layout.put_image(Some("latest"), &image);
+    let src = layout.source("latest");
+    // The hard limit allows more: cloudimg raises its soft limit.
+    let out = with_open_file_limit(cmd(&["get", "-q", &src], &[]), 64, 4096)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == want, "output differs");
+    // It does not: one line that names the limit.
+    let out = with_open_file_limit(cmd(&["get", "-q", &src], &[]), 64, 64)
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    assert!(
+        line.contains("too many open files") && line.contains("limit (RLIMIT_NOFILE) is 64"),
+        "{line}"
+    );
+}
+
+#[test]
+fn format_characters_from_a_manifest_are_escaped() {
+    let mut image = Image::split(&data(3000, 212), 1000);
+    for l in &mut image.layers {
+        match l.title.as_deref() {
+            Some("disk.00.qcow2.part") => l.title = Some("disk.00\u{202e}2wocq.part".into()),
+            Some("disk.01.qcow2.part") => l.title = Some("disk.01\u{200b}.qcow2.part".into()),
+            _ => {}
+        }
+    }
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    layout.put_image(Some("latest"), &image);
+    let src = layout.source("latest");
+    let out = cmd(&["inspect", &src], &[]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains('\u{202e}') && !text.contains('\u{200b}'),
+        "{text:?}"
+    );
+    assert!(
+        text.contains("\\u{202e}") && text.contains("\\u{200b}"),
+        "{text}"
+    );
+    // An error line naming the part.
+    let first = image
+        .layers
+        .iter()
+        .find(|l| l.title.as_deref().is_some_and(|t| t.starts_with("disk.00")))
+        .unwrap();
+    Damage::Truncate.damage_file(&layout.blob_path(&sha256(&first.data)));
+    let line = get_fails(&src, &[], &[]);
+    assert!(
+        !line.contains('\u{202e}') && line.contains("disk.00\\u{202e}2wocq.part"),
+        "{line:?}"
+    );
+}
+
+#[test]
+fn bad_flag_values_are_usage_errors() {
+    let (_tmp, layout, _want) = small_layout(213);
+    let src = layout.source("latest");
+    for args in [
+        vec!["get", "--sparse", "bogus", &src],
+        vec!["get", "--connections", "0", &src],
+        vec!["inspect", "--connections", "0", &src],
+        vec!["get", "--stall-timeout", "0", &src],
+        vec!["get", "--username", "user", &src],
+        vec!["pull", "--password-stdin", &src],
+        vec!["get", "--mirror", "ftp://mirror", &src],
+        vec!["get", "--platform", "linux", &src],
+    ] {
+        let out = cmd(&args, &[]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("cloudimg: "), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn an_unusable_output_path_fails_before_any_request() {
+    let server = Site::new(&six_parts(214)).start();
+    let src = source_of(&server);
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("adir");
+    std::fs::create_dir(&dir).unwrap();
+    let base = tmp.path().display().to_string();
+    for target in [
+        format!("{base}/newname/"),
+        format!("{base}/missing/disk.img"),
+        format!("{base}/adir"),
+        format!("{base}/adir/"),
+        String::new(),
+    ] {
+        let out = cmd(&["get", "-q", &src, "-o", &target], &[])
+            .output()
+            .unwrap();
+        let line = failure(&out);
+        assert!(
+            server.requests().is_empty(),
+            "-o {target:?}: {} requests before failing with: {line}",
+            server.requests().len()
+        );
+        assert_eq!(entries(tmp.path()), ["adir"], "-o {target:?}");
+        assert!(entries(&dir).is_empty(), "-o {target:?}");
+    }
+}
+
+#[test]
+fn a_nonblocking_stdout_pipe_is_waited_for() {
+    let (_tmp, layout, want) = small_layout(215);
+    let (read, write) = rustix::pipe::pipe().unwrap();
+    rustix::fs::fcntl_setfl(&write, rustix::fs::OFlags::NONBLOCK).unwrap();
+    let mut child = cmd(&["get", "-q", &layout.source("latest")], &[])
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read nothing for a while: the pipe fills and a write finds it full.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = Vec::new();
+    std::fs::File::from(read).read_to_end(&mut got).unwrap();
+    let status = wait_for(&mut child, Duration::from_secs(20));
+    let err = stderr_of(&mut child);
+    assert!(status.success(), "{err}");
+    assert!(got == want, "got {} bytes, want {}", got.len(), want.len());
 }

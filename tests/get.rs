@@ -551,13 +551,19 @@ fn sparse_always_makes_holes_and_keeps_the_bytes() {
             assert!(allocated >= 8 << 20, "never: allocated only {allocated}");
         }
     }
-    let line = failure(&run(&[
+    // A bad mode is a usage error: exit 2, one line.
+    let out = run(&[
         "get",
         "--sparse",
         "maybe",
         &layout.source("v1"),
         "-o",
         "/dev/null",
-    ]));
-    assert!(line.contains("--sparse"), "{line}");
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.trim().starts_with("cloudimg: --sparse") && err.lines().count() == 1,
+        "{err}"
+    );
 }

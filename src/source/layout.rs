@@ -66,6 +66,9 @@ impl Layout {
             io::ErrorKind::NotFound => {
                 Error::NotFound(format!("{what}: blob {digest} is missing from the layout"))
             }
+            _ if e.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) => {
+                too_many_open_files(what)
+            }
             _ => Error::io(format!("{what}: opening {}", path.display()), e),
         })?;
         let meta = file
@@ -78,6 +81,20 @@ impl Layout {
         }
         Ok((file, meta.len()))
     }
+}
+
+/// A layout keeps every disk blob open from the start (so that a missing or
+/// mis-sized one fails before the first byte); with thousands of parts that
+/// meets the open-file limit even after `cli` raised it to the hard limit.
+fn too_many_open_files(what: &str) -> Error {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let shown = limit
+        .current
+        .map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    Error::Other(format!(
+        "{what}: too many open files: the open-file limit (RLIMIT_NOFILE) is {shown}, and a \
+layout keeps one file open per layer; raise the hard limit (ulimit -Hn)"
+    ))
 }
 
 /// Parse a layout's `index.json` and pick the entry `selector` names: the
