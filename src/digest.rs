@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 /// A digest algorithm this tool can verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algorithm {
+    /// `sha256:` + 64 lowercase hex digits.
     Sha256,
+    /// `sha512:` + 128 lowercase hex digits.
     Sha512,
 }
 
@@ -111,11 +113,14 @@ impl serde::Serialize for Digest {
 /// Incremental hashing for either algorithm (SHA-NI is picked at run time by `sha2`).
 #[derive(Clone)]
 pub enum Hasher {
+    /// SHA-256 in progress.
     Sha256(Sha256),
+    /// SHA-512 in progress.
     Sha512(Sha512),
 }
 
 impl Hasher {
+    /// A hasher for `alg`, with nothing hashed yet.
     pub fn new(alg: Algorithm) -> Hasher {
         match alg {
             Algorithm::Sha256 => Hasher::Sha256(Sha256::new()),
@@ -123,6 +128,7 @@ impl Hasher {
         }
     }
 
+    /// Hash `bytes` next.
     pub fn update(&mut self, bytes: &[u8]) {
         match self {
             Hasher::Sha256(h) => h.update(bytes),
@@ -130,6 +136,7 @@ impl Hasher {
         }
     }
 
+    /// The digest of everything hashed.
     pub fn finish(self) -> Digest {
         let (alg, bytes) = match self {
             Hasher::Sha256(h) => (Algorithm::Sha256, h.finalize().to_vec()),

@@ -29,7 +29,12 @@ pub enum Error {
     /// The `cocoon image import` child failed.
     Child(String),
     /// An operating-system error, with what we were doing at the time.
-    Io { context: String, source: io::Error },
+    Io {
+        /// What was being attempted.
+        context: String,
+        /// What the system said.
+        source: io::Error,
+    },
     /// Anything else worth one clear line (bad option combination, terminal output…).
     Other(String),
 }

@@ -12,13 +12,19 @@ use crate::source::{IndexChoice, Resolved};
 /// Everything `inspect` shows about one resolved manifest.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The reference as given.
     pub reference: String,
     /// The image index the reference named, and the platform chosen from it.
     pub index: Option<IndexChoice>,
+    /// The manifest's digest (verified).
     pub digest: Digest,
+    /// The manifest's media type, when it says.
     pub media_type: Option<String>,
+    /// The manifest's artifactType.
     pub artifact_type: Option<String>,
+    /// What the manifest describes.
     pub kind: Kind,
+    /// The manifest's annotations.
     pub annotations: BTreeMap<String, String>,
     /// The disk plan, when the manifest is a usable cloud image.
     pub plan: Option<DiskPlan>,
@@ -27,6 +33,7 @@ pub struct Report {
 }
 
 impl Report {
+    /// The report on `resolved`: its plan, or why it has none.
     pub fn new(resolved: &Resolved) -> Report {
         let m = &resolved.manifest;
         let (plan, plan_error) = match disk_plan(m) {
@@ -46,10 +53,12 @@ impl Report {
         }
     }
 
+    /// `inspect --json`.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report always serializes")
     }
 
+    /// `inspect`'s text, with whatever the manifest says escaped.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let none = "-";

@@ -12,16 +12,26 @@ use crate::error::{Error, Result};
 /// Largest manifest or index we accept, from a layout or a registry.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
+/// An OCI image manifest.
 pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// An OCI image index.
 pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// A Docker image manifest, schema 2.
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// A Docker manifest list (the index of Docker's schema 2).
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// An OCI container image's config: the manifest is a container image.
 pub const MEDIA_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// A Docker container image's config.
 pub const MEDIA_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// The empty config that artifacts carry.
 pub const MEDIA_OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
+/// The artifactType of a cloud image (a VM disk).
 pub const ARTIFACT_OS_IMAGE: &str = "application/vnd.cocoonstack.os-image.v1+json";
+/// The legacy artifactType of a Windows cloud image.
 pub const ARTIFACT_WINDOWS_IMAGE: &str = "application/vnd.cocoonstack.windows-image.v1+json";
+/// The artifactType of a VM snapshot (not a disk cloudimg streams).
 pub const ARTIFACT_SNAPSHOT: &str = "application/vnd.cocoonstack.snapshot.v1+json";
 
 /// The annotation that names a layer's file (set by oras to the file name).
@@ -56,14 +66,20 @@ pub const DISK_MEDIA_TYPES: [(&str, Format); 8] = [
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
+    /// The media type of what it points at.
     #[serde(default)]
     pub media_type: String,
+    /// `alg:hex`, as written; parsed (and so validated) only where used.
     pub digest: String,
+    /// Size in bytes of what it points at.
     pub size: u64,
+    /// The artifactType of the manifest it points at (index entries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_type: Option<String>,
+    /// Annotations, e.g. the title of a layer or the tag of an index entry.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// The platform of an index entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
 }
@@ -78,10 +94,13 @@ impl Descriptor {
 /// The platform of an index entry.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct Platform {
+    /// `linux`, `windows`, …
     #[serde(default)]
     pub os: String,
+    /// In Go's spelling: `amd64`, `arm64`, …
     #[serde(default)]
     pub architecture: String,
+    /// E.g. `v8` for arm64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
 }
@@ -91,18 +110,25 @@ pub struct Platform {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
+    /// 2 for every manifest and index this crate reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<u32>,
+    /// The manifest's own media type, when it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// What the artifact is (a cloud image, a snapshot, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_type: Option<String>,
+    /// The config blob (a manifest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<Descriptor>,
+    /// The layers (a manifest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<Descriptor>,
+    /// The manifests (an index).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifests: Vec<Descriptor>,
+    /// The manifest's annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -131,14 +157,20 @@ impl Manifest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
+    /// A VM disk: what cloudimg streams.
     CloudImage,
+    /// A VM snapshot.
     Snapshot,
+    /// A container image (a config of the OCI or Docker type).
     ContainerImage,
+    /// An image index, to be resolved to one of its manifests.
     ImageIndex,
+    /// Anything else.
     Unknown,
 }
 
 impl Kind {
+    /// The kebab-case name `inspect` shows.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::CloudImage => "cloud-image",
@@ -177,7 +209,9 @@ pub fn classify(m: &Manifest) -> Kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
+    /// A qcow2 image (split or whole).
     Qcow2,
+    /// A raw disk image.
     Raw,
 }
 
@@ -203,8 +237,11 @@ pub fn disk_format(media_type: &str) -> Option<Format> {
 pub struct DiskLayer {
     /// The title annotation, empty when missing.
     pub title: String,
+    /// One of the eight disk media types.
     pub media_type: String,
+    /// Size in bytes, as the manifest says.
     pub size: u64,
+    /// The digest the blob must have.
     pub digest: Digest,
     /// Position in the manifest's `layers`.
     #[serde(skip)]
@@ -230,18 +267,26 @@ impl DiskLayer {
 /// A layer that is not part of the disk, and why.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Skipped {
+    /// The title annotation, empty when missing.
     pub title: String,
+    /// Its media type.
     pub media_type: String,
+    /// Its size in bytes.
     pub size: u64,
+    /// Why it is not part of the disk.
     pub reason: String,
 }
 
 /// The disk layers in reassembly order, plus what was left out.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DiskPlan {
+    /// The format every disk layer shares.
     pub format: Format,
+    /// The disk layers in stream order.
     pub layers: Vec<DiskLayer>,
+    /// The layers left out, with the reason.
     pub skipped: Vec<Skipped>,
+    /// The disk's size: the sum of the disk layers.
     pub total: u64,
 }
 

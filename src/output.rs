@@ -339,6 +339,7 @@ struct Staged {
 
 impl Output {
     /// Resolve and open `path` at once.
+    #[cfg(test)]
     pub fn open(path: &Path) -> Result<Output> {
         Target::resolve(path)?.open()
     }

@@ -36,14 +36,6 @@ impl Progress {
         self.total = total;
     }
 
-    pub fn bytes(&self) -> u64 {
-        self.done
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
-    }
-
     /// Record `n` more bytes written.
     pub fn advance(&mut self, n: u64) {
         self.done += n;
@@ -85,7 +77,7 @@ impl Progress {
         if self.quiet {
             return;
         }
-        let secs = self.elapsed().as_secs_f64();
+        let secs = self.start.elapsed().as_secs_f64();
         let _ = writeln!(
             std::io::stderr(),
             "cloudimg: {what} {} bytes ({:.2} GiB) in {secs:.2} s, {:.2} GiB/s",

@@ -63,10 +63,12 @@ impl<'fd> Sink<'fd> {
         })
     }
 
+    /// The output fd.
     pub fn fd(&self) -> BorrowedFd<'fd> {
         self.fd
     }
 
+    /// What the output is.
     pub fn kind(&self) -> SinkKind {
         self.kind
     }

@@ -358,9 +358,9 @@ mod tests {
         }
     }
 
-    fn bytes(len: usize, seed: u8) -> Vec<u8> {
+    fn bytes(len: usize, salt: u8) -> Vec<u8> {
         (0..len)
-            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .map(|i| (i as u8).wrapping_mul(31) ^ salt)
             .collect()
     }
 

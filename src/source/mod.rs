@@ -19,7 +19,14 @@ pub enum Blob {
     /// A byte range of an open file: local layouts, caches. The kernel can
     /// move it (splice, copy_file_range, sendfile) and a helper thread can
     /// hash it from the page cache while it moves.
-    File { file: File, offset: u64, len: u64 },
+    File {
+        /// The open file.
+        file: File,
+        /// Where the blob starts in it.
+        offset: u64,
+        /// The blob's size.
+        len: u64,
+    },
     /// A byte stream, e.g. a network body; hashed inline as it passes.
     Stream(Box<dyn Read + Send>),
 }
@@ -43,8 +50,11 @@ pub struct Resolved {
 /// The image index a manifest was chosen from.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct IndexChoice {
+    /// The index's digest.
     pub digest: Digest,
+    /// The index's media type, when it says.
     pub media_type: Option<String>,
+    /// The platform whose manifest was chosen.
     pub platform: Platform,
 }
 
@@ -54,6 +64,7 @@ pub struct SourceOptions {
     /// The platform to pick from an image index (default: linux and this
     /// machine's architecture).
     pub platform: Option<Platform>,
+    /// How registries are reached.
     pub registry: RegistryOptions,
 }
 
@@ -125,7 +136,7 @@ pub fn choose_platform(index: &Manifest, wanted: Option<&Platform>) -> Result<De
         })
 }
 
-/// The seed's `BlobReader`, grown up: resolve a manifest, open blobs.
+/// The Go reference's `BlobReader`, grown up: resolve a manifest, open blobs.
 pub trait BlobSource: Send + Sync {
     /// Resolve the source's reference to a manifest, verifying its digest.
     fn resolve(&self) -> Result<Resolved>;
