@@ -1575,3 +1575,220 @@ fn sigterm_during_get_to_a_file_leaves_nothing() {
         &["--connections", "1", "--retries", "0"],
     );
 }
+
+// ---- Registry: credentials, bounded reads, mirrors ----
+
+/// `cmd(args, env)` with `password` on its stdin; its output.
+fn run_with_password(args: &[&str], env: &[(&str, &str)], password: &str) -> Output {
+    let mut child = cmd(args, env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), password.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// base64("alice:hunter2")
+const ALICE_BASIC: &str = "Basic YWxpY2U6aHVudGVyMg==";
+
+/// A docker config directory whose `auths` give alice:hunter2 to `key`.
+fn docker_config_for(key: &str) -> TempDir {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        format!(r#"{{"auths":{{"{key}":{{"auth":"YWxpY2U6aHVudGVyMg=="}}}}}}"#),
+    )
+    .unwrap();
+    dir
+}
+
+/// Whether any header of `r` carries alice's password in any form.
+fn carries_password(r: &Request) -> bool {
+    r.headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("authorization") || v.contains("YWxpY2U6aHVudGVyMg"))
+}
+
+#[test]
+fn credentials_for_an_https_registry_never_reach_its_plain_http_twin() {
+    let ca = common::tls::test_ca();
+    let ca_pem = ca.ca_pem.to_str().unwrap();
+    // The token realm the plain-http side may point at (anonymous tokens).
+    let realm = Server::start(|_, _| Reply::json(200, &json!({"token": "anon"})));
+    let realm_url = format!("{}/token", realm.url());
+    for bearer in [false, true] {
+        for from_docker_config in [false, true] {
+            let realm_url = realm_url.clone();
+            // One port, two origins: over TLS the registry asks for the
+            // password and, once given it, redirects to http on the same
+            // host and port, where a challenge asks again.
+            let server = Server::start_tls(Arc::clone(&ca.server), move |req, _| {
+                let host = req.header("host").unwrap().to_owned();
+                if req.tls {
+                    return match req.header("authorization") {
+                        Some(ALICE_BASIC) => {
+                            Reply::redirect(307, &format!("http://{host}{}", req.target))
+                        }
+                        _ => Reply::status(401).header("WWW-Authenticate", "Basic realm=\"x\""),
+                    };
+                }
+                let challenge = if bearer {
+                    format!("Bearer realm=\"{realm_url}\",service=\"twin\"")
+                } else {
+                    "Basic realm=\"x\"".to_owned()
+                };
+                Reply::status(401).header("WWW-Authenticate", &challenge)
+            });
+            let docker = docker_config_for(&server.host());
+            let https = server.https_url();
+            let mut env = vec![("EPOCH_SERVER", https.as_str()), ("EPOCH_CA_CERT", ca_pem)];
+            let out = if from_docker_config {
+                env.push(("DOCKER_CONFIG", docker.path().to_str().unwrap()));
+                cmd(&["inspect", "r:v1"], &env).output().unwrap()
+            } else {
+                run_with_password(
+                    &["inspect", "r:v1", "--username", "alice", "--password-stdin"],
+                    &env,
+                    "hunter2\n",
+                )
+            };
+            let line = failure(&out);
+            let case = format!("bearer={bearer} docker_config={from_docker_config}: {line}");
+            println!("{case}");
+            let seen = server.requests();
+            // The https origin got the password (that is whose it is)...
+            assert!(
+                seen.iter()
+                    .any(|r| r.tls && r.header("authorization") == Some(ALICE_BASIC)),
+                "{case}"
+            );
+            // ...and the plain-http origin was reached, but never with it.
+            let plain: Vec<&Request> = seen.iter().filter(|r| !r.tls).collect();
+            assert!(!plain.is_empty(), "the redirect was not followed: {case}");
+            for r in plain {
+                assert!(
+                    !r.headers
+                        .iter()
+                        .any(|(_, v)| v.contains("YWxpY2U6aHVudGVyMg")),
+                    "the password went over plain http: {:?} ({case})",
+                    r.headers
+                );
+            }
+            assert!(!line.contains("hunter2"), "{case}");
+        }
+    }
+    // Only the anonymous kind of token was ever asked for.
+    for r in realm.requests() {
+        assert!(!carries_password(&r), "the realm got {:?}", r.headers);
+    }
+}
+
+/// A local address that is not loopback (the one the default route would
+/// leave from), or `None` on a machine without one.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    for probe in ["192.0.2.1:9", "10.255.255.1:9", "8.8.8.8:53"] {
+        let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+            continue;
+        };
+        // Connecting a UDP socket sends nothing; it only picks a route.
+        if s.connect(probe).is_ok()
+            && let Ok(a) = s.local_addr()
+            && !a.ip().is_loopback()
+            && !a.ip().is_unspecified()
+            && std::net::TcpListener::bind((a.ip(), 0)).is_ok()
+        {
+            return Some(a.ip());
+        }
+    }
+    None
+}
+
+#[test]
+fn no_password_goes_over_plain_http_off_loopback_without_plain_http() {
+    let Some(ip) = non_loopback_address() else {
+        println!("skipped: this machine has no address off loopback");
+        return;
+    };
+    let image = six_parts(120);
+    let site = Site::new(&image);
+    // A registry off loopback over plain http, asking for a password.
+    let server = Server::start_at(ip, move |req, _| {
+        if req.header("authorization") != Some(ALICE_BASIC) {
+            return Reply::status(401).header("WWW-Authenticate", "Basic realm=\"x\"");
+        }
+        site.serve(req, Reply::blob)
+    });
+    let epoch = server.url();
+    let env = [("EPOCH_SERVER", epoch.as_str())];
+    let line = failure(&run_with_password(
+        &[
+            "inspect",
+            "img:v1",
+            "--username",
+            "alice",
+            "--password-stdin",
+        ],
+        &env,
+        "hunter2\n",
+    ));
+    assert!(
+        line.contains("plain http") && line.contains("--plain-http"),
+        "{line}"
+    );
+    assert!(
+        server.requests().iter().all(|r| !carries_password(r)),
+        "the password went over plain http: {line}"
+    );
+    // The same from the docker config.
+    let docker = docker_config_for(&server.host());
+    let line = failure(
+        &cmd(
+            &["inspect", "img:v1"],
+            &[
+                ("EPOCH_SERVER", &epoch),
+                ("DOCKER_CONFIG", docker.path().to_str().unwrap()),
+            ],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert!(line.contains("plain http"), "{line}");
+    assert!(server.requests().iter().all(|r| !carries_password(r)));
+    // A token realm off loopback over plain http, for a loopback registry.
+    let realm = Server::start_at(ip, |_, _| Reply::json(200, &json!({"token": "t"})));
+    let realm_url = format!("{}/token", realm.url());
+    let registry = challenging(realm_url);
+    let line = failure(&run_with_password(
+        &[
+            "inspect",
+            &source_of(&registry),
+            "--username",
+            "alice",
+            "--password-stdin",
+        ],
+        &[],
+        "hunter2\n",
+    ));
+    assert!(line.contains("plain http"), "{line}");
+    assert!(realm.requests().is_empty(), "the realm was asked: {line}");
+    // With --plain-http the user has accepted plain http: the password goes.
+    let out = run_with_password(
+        &[
+            "inspect",
+            "img:v1",
+            "--username",
+            "alice",
+            "--password-stdin",
+            "--plain-http",
+        ],
+        &env,
+        "hunter2\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -116,8 +116,9 @@ impl Registry {
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
                 let server = server.trim_end_matches('/').to_owned();
-                let origin = Origin::of(&server)
-                    .map_err(|_| Error::Other(format!("{ENV_SERVER}={server} is not a URL")))?;
+                let origin = Origin::of(&server).map_err(|_| {
+                    Error::Other(format!("{ENV_SERVER}={} is not a URL", redact(&server)))
+                })?;
                 if let Some(token) = std::env::var(ENV_TOKEN).ok().filter(|t| !t.is_empty()) {
                     static_token = Some((origin, Secret::new(token)));
                 }
@@ -132,16 +133,14 @@ impl Registry {
             } else {
                 4
             });
-        let namespace = registry_origin.authority;
-        let credentials = CredentialStore {
-            explicit: opts.credentials.clone().map(|c| (namespace.clone(), c)),
-            ..CredentialStore::from_env()
-        };
+        let namespace = registry_origin.authority();
+        let credentials = CredentialStore::for_registry(registry_origin, opts.credentials.clone());
         let client = Client::new(ClientOptions {
             retries: opts.retries,
             stall_timeout: opts.stall_timeout,
             credentials,
             static_token,
+            plain_http: opts.plain_http,
         })?;
         Ok(Registry {
             client: Arc::new(client),
