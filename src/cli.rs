@@ -19,6 +19,7 @@ use crate::reference::Reference;
 use crate::sink::Sink;
 use crate::source::registry::RegistryOptions;
 use crate::source::registry::auth::{Credentials, Secret};
+use crate::source::registry::client::redact;
 use crate::source::{SourceOptions, parse_platform};
 use crate::stream::{self, Options};
 use crate::zerocopy::Sparse;
@@ -246,7 +247,8 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
     for m in &mirrors {
         if !(m.starts_with("http://") || m.starts_with("https://")) {
             return Err(Error::Other(format!(
-                "mirror {m:?} must be an http:// or https:// base URL"
+                "mirror {:?} must be an http:// or https:// base URL",
+                redact(m)
             )));
         }
     }

@@ -1792,3 +1792,73 @@ fn no_password_goes_over_plain_http_off_loopback_without_plain_http() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A loopback port nobody listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn user_names_and_passwords_in_urls_are_never_printed() {
+    let closed = closed_port();
+    let with_userinfo = format!("http://user:tok3n@127.0.0.1:{closed}");
+    let check = |line: &str| {
+        assert!(!line.contains("tok3n") && !line.contains("user:"), "{line}");
+    };
+    // EPOCH_SERVER with userinfo, unreachable.
+    let line = failure(
+        &cmd(
+            &["inspect", "img:v1", "--retries", "0"],
+            &[("EPOCH_SERVER", &with_userinfo)],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert!(
+        line.contains(&format!(
+            "http://***@127.0.0.1:{closed}/v2/img/manifests/v1"
+        )),
+        "{line}"
+    );
+    check(&line);
+    // EPOCH_SERVER that is no URL at all.
+    let line = failure(
+        &cmd(
+            &["inspect", "img:v1"],
+            &[("EPOCH_SERVER", "http://user:tok3n@")],
+        )
+        .output()
+        .unwrap(),
+    );
+    check(&line);
+    // A mirror URL that is refused.
+    let out = cmd(
+        &[
+            "inspect",
+            "img:v1",
+            "--mirror",
+            "ftp://user:tok3n@m.example/",
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    check(&failure(&out));
+    // A registry that redirects blobs to a URL with userinfo, unreachable.
+    let image = six_parts(121);
+    let site = Site::new(&image);
+    let target = with_userinfo.clone();
+    let server = Server::start(move |req, _| {
+        if req.path().contains("/blobs/") {
+            return Reply::redirect(307, &format!("{target}/store?X-Signature=s3cr3t"));
+        }
+        site.serve(req, Reply::blob)
+    });
+    let line = get_fails(&source_of(&server), &["--retries", "0"], &[]);
+    assert!(
+        line.contains("***@127.0.0.1") && !line.contains("s3cr3t"),
+        "{line}"
+    );
+    check(&line);
+}
