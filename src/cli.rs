@@ -381,7 +381,7 @@ fn get(a: GetArgs) -> Result<()> {
         }
         Err(e) => {
             progress.abandon();
-            Err(e)
+            Err(source.explain(e))
         }
     }
 }
@@ -423,7 +423,7 @@ fn pull(a: PullArgs) -> Result<()> {
         }
         Err(e) => {
             progress.abandon();
-            Err(e)
+            Err(source.explain(e))
         }
     }
 }

@@ -1862,3 +1862,195 @@ fn user_names_and_passwords_in_urls_are_never_printed() {
     );
     check(&line);
 }
+
+/// What a broken mirror answers for every blob and manifest.
+#[derive(Clone, Copy, Debug)]
+enum BadMirror {
+    /// 200 with an HTML page (a captive portal, an error page): wrong size.
+    HtmlPage,
+    /// 200 with an HTML page padded to the blob's own length.
+    HtmlOfTheRightLength,
+    /// 500.
+    ServerError,
+    /// The connection closed without an answer.
+    Hangs,
+    /// 206 claiming another total size.
+    WrongContentRange,
+}
+
+fn bad_mirror(how: BadMirror, site: Arc<Site>) -> Server {
+    Server::start(move |req, _| {
+        let len = req
+            .path()
+            .rsplit('/')
+            .next()
+            .and_then(|d| site.blobs.get(d))
+            .map_or(site.manifest.len(), |b| b.len());
+        let page = b"<html><body>Please log in to the hotel network</body></html>".to_vec();
+        match how {
+            BadMirror::HtmlPage => Reply::bytes(200, "text/html", page),
+            BadMirror::HtmlOfTheRightLength => {
+                let mut page = page;
+                page.resize(len, b' ');
+                Reply::bytes(200, "text/html; charset=utf-8", page)
+            }
+            BadMirror::ServerError => Reply::status(500),
+            BadMirror::Hangs => Reply::Close,
+            BadMirror::WrongContentRange => Reply::Full {
+                status: 206,
+                headers: vec![("Content-Range".into(), format!("bytes 0-9/{}", len + 1))],
+                body: vec![0; 10],
+            },
+        }
+    })
+}
+
+#[test]
+fn a_mirror_with_a_wrong_answer_is_skipped_for_the_next_source() {
+    let image = six_parts(130);
+    let want = expected_disk(&image);
+    let site = Arc::new(Site::new(&image));
+    let manifest_digest = sha256(&site.manifest);
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for how in [
+        BadMirror::HtmlPage,
+        BadMirror::HtmlOfTheRightLength,
+        BadMirror::ServerError,
+        BadMirror::Hangs,
+        BadMirror::WrongContentRange,
+    ] {
+        for connections in ["1", "4"] {
+            let mirror = bad_mirror(how, Arc::clone(&site));
+            let before = blob_requests(&registry);
+            // A digest-pinned reference, so that the manifest is asked of
+            // the mirror too.
+            let src = format!("{}/img@{manifest_digest}", registry.host());
+            let args = ["--mirror", &mirror.url(), "--connections", connections];
+            let out = get_ok(&src, &args, &[], &want);
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            let case = format!("{how:?}, {connections} connection(s): {err}");
+            println!("{case}");
+            // Each wrong answer is one line naming the mirror; the registry
+            // served every part.
+            let lines: Vec<&str> = err.lines().collect();
+            assert!(!lines.is_empty(), "nothing said about the mirror: {case}");
+            assert!(
+                lines.len() <= 7,
+                "one line per blob and manifest at most: {case}"
+            );
+            for l in &lines {
+                assert!(
+                    l.starts_with(&format!("cloudimg: mirror {}", mirror.url())),
+                    "{case}"
+                );
+            }
+            assert!(blob_requests(&registry) - before >= 6, "{case}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_mirror_is_followed_by_the_next_mirror_before_the_registry() {
+    let image = six_parts(131);
+    let want = expected_disk(&image);
+    let site = Arc::new(Site::new(&image));
+    let bad = bad_mirror(BadMirror::HtmlPage, Arc::clone(&site));
+    let good_site = Arc::clone(&site);
+    let good = Server::start(move |req, _| good_site.serve(req, Reply::blob));
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for connections in ["1", "4"] {
+        let args = [
+            "--mirror",
+            &bad.url(),
+            "--mirror",
+            &good.url(),
+            "--connections",
+            connections,
+        ];
+        let out = get_ok(&source_of(&registry), &args, &[], &want);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("cloudimg: mirror {}", bad.url())),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        blob_requests(&registry),
+        0,
+        "the second mirror served every part"
+    );
+}
+
+#[test]
+fn a_mirror_sending_wrong_bytes_of_the_right_length_fails_naming_the_mirror() {
+    let image = six_parts(132);
+    let site = Arc::new(Site::new(&image));
+    let zero_site = Arc::clone(&site);
+    // Zeros of the right length, as a blob: the size is right, so the bytes
+    // flow; only the digest, at the end, shows they are wrong.
+    let mirror = Server::start(move |req, _| {
+        let d = req.path().rsplit('/').next().unwrap();
+        match zero_site.blobs.get(d) {
+            Some(b) => Reply::blob(Arc::new(vec![0; b.len()])),
+            None => Reply::status(404),
+        }
+    });
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for connections in ["1", "4"] {
+        fails_everywhere(
+            &source_of(&registry),
+            &["--mirror", &mirror.url(), "--connections", connections],
+            &[],
+            &[
+                "digest mismatch",
+                "disk.00.qcow2.part",
+                &format!("mirror {}", mirror.url()),
+            ],
+        );
+    }
+}
+
+#[test]
+fn a_mirror_dropping_the_connection_mid_blob_hands_over_to_the_registry() {
+    let image = six_parts(133);
+    let want = expected_disk(&image);
+    let site = Arc::new(Site::new(&image));
+    let cut_site = Arc::clone(&site);
+    let mirror =
+        Server::start(move |req, _| cut_site.serve(req, |b| Reply::blob(b).cut_after(1000)));
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for connections in ["1", "4"] {
+        // No retries: handing over must not cost any.
+        let args = [
+            "--mirror",
+            &mirror.url(),
+            "--connections",
+            connections,
+            "--retries",
+            "0",
+        ];
+        let out = get_ok(&source_of(&registry), &args, &[], &want);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(!lines.is_empty() && lines.len() <= 6, "{err}");
+        for l in lines {
+            assert!(
+                l.starts_with(&format!("cloudimg: mirror {}", mirror.url()))
+                    && l.contains("connection lost"),
+                "{err}"
+            );
+        }
+    }
+    // The registry continued each part where the mirror broke off.
+    assert!(
+        registry
+            .requests()
+            .iter()
+            .any(|r| r.range().is_some_and(|(s, _)| s % 65536 == 1000)),
+        "no part continued from the byte the mirror reached"
+    );
+}

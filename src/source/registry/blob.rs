@@ -8,9 +8,18 @@
 //!   each into bounded, in-order buffers (at most `N + 2` chunks in memory),
 //!   for object stores and CDNs that cap each connection's rate. Each chunk
 //!   resumes on its own. The caller still reads (and hashes) in order.
+//!
+//! Mirrors come first in a [`BlobFetch`]'s sources and the registry last. A
+//! mirror's wrong answer — an error status, a refused or dropped connection,
+//! a size that is not the blob's, an HTML page — is that mirror's failure: it
+//! is reported on stderr in one line naming the mirror, the mirror is not
+//! asked again for this blob, and the next source is asked. All of that is
+//! known before the first byte of the answer is read. Wrong bytes of the
+//! right size only show in the digest, after they were written: that fails
+//! the run, and [`MirrorUse`] lets the error name the mirror.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::{self, IsTerminal, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 
 use ureq::http::StatusCode;
@@ -22,15 +31,89 @@ use crate::signals;
 /// Bytes a connection must deliver before its failure stops counting.
 const REFILL_AFTER: u64 = 1 << 20;
 
+/// One place a blob can be asked for.
+pub struct BlobUrl {
+    pub url: String,
+    /// The mirror's base URL, for a mirror; `None` for the registry.
+    pub mirror: Option<String>,
+}
+
+/// Which blobs came (wholly or in part) from which mirror, for the run: so
+/// that a digest mismatch found after the bytes were written can name the
+/// mirror they came from.
+#[derive(Default)]
+pub struct MirrorUse {
+    /// (digest, mirror base URL)
+    served: Mutex<Vec<(String, String)>>,
+}
+
+impl MirrorUse {
+    fn record(&self, digest: &str, mirror: &str) {
+        let mirror = mirror.trim_end_matches('/');
+        let mut served = self.served.lock().expect("mirror use");
+        if !served.iter().any(|(d, m)| d == digest && m == mirror) {
+            served.push((digest.to_owned(), mirror.to_owned()));
+        }
+    }
+
+    /// An integrity error about a blob that mirrors served, with the
+    /// mirrors named; any other error as it is.
+    pub fn explain(&self, e: Error) -> Error {
+        let Error::Integrity(message) = e else {
+            return e;
+        };
+        let served = self.served.lock().expect("mirror use");
+        let mirrors: Vec<String> = served
+            .iter()
+            .filter(|(d, _)| message.contains(d.as_str()))
+            .map(|(_, m)| format!("mirror {}", redact(m)))
+            .collect();
+        if mirrors.is_empty() {
+            return Error::Integrity(message);
+        }
+        Error::Integrity(format!(
+            "{message} (bytes of it came from {})",
+            mirrors.join(" and ")
+        ))
+    }
+}
+
+/// A note on stderr that does not end the run, e.g. a mirror skipped. One
+/// write, so that notes from parallel workers do not interleave; on a
+/// terminal the progress line is cleared first.
+pub fn note(line: &str) {
+    let clear = if std::io::stderr().is_terminal() {
+        "\r\x1b[K"
+    } else {
+        ""
+    };
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{clear}cloudimg: {line}\n").as_bytes());
+}
+
 /// Where a blob can be fetched, and what it must be.
 pub struct BlobFetch {
     pub client: Arc<Client>,
-    /// Candidate URLs, mirrors first, the registry last.
-    pub urls: Vec<String>,
+    /// Where to ask, in order: mirrors first, the registry last.
+    pub sources: Vec<BlobUrl>,
     pub scope: String,
     pub size: u64,
+    /// The blob's digest, as the manifest gives it.
+    pub digest: String,
     /// How errors name the blob.
     pub label: String,
+    /// The run's record of blobs served by mirrors.
+    pub mirror_use: Arc<MirrorUse>,
+    /// Sources (by index) that gave a wrong answer for this blob.
+    pub failed: Mutex<Vec<usize>>,
+}
+
+/// A URL that answered before (after redirects), and which source it is.
+#[derive(Clone)]
+struct Answered {
+    url: String,
+    source: usize,
 }
 
 /// An open response for `[pos, end)` of a blob, or the whole of it.
@@ -38,8 +121,8 @@ struct Opened {
     body: ureq::BodyReader<'static>,
     /// Bytes to throw away first (the server ignored our Range).
     skip: u64,
-    /// The URL that answered, for follow-up range requests.
-    url: String,
+    /// Where it came from, for follow-up range requests.
+    from: Answered,
     /// A 206: the server honoured the Range.
     partial: bool,
 }
@@ -47,41 +130,99 @@ struct Opened {
 impl BlobFetch {
     /// Open the blob at `pos`; `end` bounds a chunk request (`None`: to the
     /// end). `prefer` is a URL that answered before (after redirects).
-    fn open(&self, pos: u64, end: Option<u64>, prefer: Option<&str>) -> Result<Opened> {
+    fn open(&self, pos: u64, end: Option<u64>, prefer: Option<&Answered>) -> Result<Opened> {
         let range = match (pos, end) {
             (0, None) => None,
             (p, None) => Some(format!("bytes={p}-")),
             (p, Some(e)) => Some(format!("bytes={p}-{}", e - 1)),
         };
         let headers: Vec<(&str, String)> = range.iter().map(|r| ("Range", r.clone())).collect();
+        let candidates: Vec<Answered> = {
+            let failed = self.failed.lock().expect("failed sources");
+            prefer
+                .cloned()
+                .into_iter()
+                .chain(self.sources.iter().enumerate().map(|(i, s)| Answered {
+                    url: s.url.clone(),
+                    source: i,
+                }))
+                .filter(|c| !failed.contains(&c.source))
+                .collect()
+        };
         let mut last_err = None;
-        let candidates = prefer
-            .into_iter()
-            .map(str::to_owned)
-            .chain(self.urls.iter().cloned());
-        let n = self.urls.len() + usize::from(prefer.is_some());
-        for (i, url) in candidates.enumerate() {
+        let n = candidates.len();
+        for (i, candidate) in candidates.into_iter().enumerate() {
             // Mirrors and remembered URLs get one try each; the registry,
-            // last, gets the whole retry budget.
+            // last (and never struck off), gets the whole retry budget.
             let tries = if i + 1 == n { self.client.retries() } else { 0 };
-            match self.client.get_tries(&url, &headers, &self.scope, tries) {
-                Ok(resp) => return self.accept(resp, pos),
+            let mirror = self.sources[candidate.source].mirror.as_deref();
+            let answer = self
+                .client
+                .get_tries(&candidate.url, &headers, &self.scope, tries)
+                .map_err(|e| self.labelled(e))
+                .and_then(|resp| self.accept(resp, pos, mirror.is_some()));
+            match answer {
+                Ok(mut opened) => {
+                    if let Some(m) = mirror {
+                        self.mirror_use.record(&self.digest, m);
+                    }
+                    opened.from.source = candidate.source;
+                    return Ok(opened);
+                }
                 Err(e @ Error::Interrupted(_)) => return Err(e),
-                Err(e) => last_err = Some(e),
+                Err(e) => {
+                    if let Some(m) = mirror {
+                        self.strike(candidate.source, m, &e);
+                    }
+                    last_err = Some(e);
+                }
             }
         }
-        Err(
-            match last_err.expect("at least the registry URL is a candidate") {
-                Error::NotFound(m) => Error::NotFound(format!("{}: {m}", self.label)),
-                Error::Other(m) => Error::Other(format!("{}: {m}", self.label)),
-                e => e,
-            },
-        )
+        Err(last_err.expect("at least the registry URL is a candidate"))
     }
 
-    /// Check a response against what was asked for.
-    fn accept(&self, resp: Response, pos: u64) -> Result<Opened> {
+    fn is_mirror(&self, source: usize) -> bool {
+        self.sources.get(source).is_some_and(|s| s.mirror.is_some())
+    }
+
+    /// Name the blob in an error of the HTTP client.
+    fn labelled(&self, e: Error) -> Error {
+        match e {
+            Error::NotFound(m) => Error::NotFound(format!("{}: {m}", self.label)),
+            Error::Other(m) => Error::Other(format!("{}: {m}", self.label)),
+            e => e,
+        }
+    }
+
+    /// A mirror answered wrongly: not asked again for this blob, and said
+    /// so once (not having the blob, a 404, is no fault and is not said).
+    fn strike(&self, source: usize, mirror: &str, e: &Error) {
+        let mut failed = self.failed.lock().expect("failed sources");
+        if failed.contains(&source) {
+            return;
+        }
+        failed.push(source);
+        drop(failed);
+        if !matches!(e, Error::NotFound(_)) {
+            note(&format!(
+                "mirror {}: {e}; trying the next source",
+                redact(mirror.trim_end_matches('/'))
+            ));
+        }
+    }
+
+    /// Check a response against what was asked for. A mirror's HTML page
+    /// (a captive portal, an error page) is refused whatever its length.
+    fn accept(&self, resp: Response, pos: u64, mirror: bool) -> Result<Opened> {
         let label = &self.label;
+        if mirror
+            && let Some(kind) = resp.header("content-type")
+            && kind.trim().to_ascii_lowercase().starts_with("text/html")
+        {
+            return Err(Error::Other(format!(
+                "{label}: answered with an HTML page (Content-Type: {kind}), not the blob"
+            )));
+        }
         let length: Option<u64> = resp.header("content-length").and_then(|v| v.parse().ok());
         let skip = if resp.status == StatusCode::PARTIAL_CONTENT {
             let (start, total) = resp
@@ -115,7 +256,10 @@ impl BlobFetch {
         };
         Ok(Opened {
             partial: resp.status == StatusCode::PARTIAL_CONTENT,
-            url: resp.url.clone(),
+            from: Answered {
+                url: resp.url.clone(),
+                source: usize::MAX,
+            },
             body: resp.body.into_reader(),
             skip,
         })
@@ -157,7 +301,8 @@ pub struct Resumable {
     failures: u32,
     /// Bytes delivered since the last failure.
     progress: u64,
-    url: Option<String>,
+    /// What answered last.
+    url: Option<Answered>,
 }
 
 impl Resumable {
@@ -168,10 +313,10 @@ impl Resumable {
         pos: u64,
         end: Option<u64>,
         current: Option<Opened>,
-        url: Option<String>,
+        url: Option<Answered>,
     ) -> Resumable {
         Resumable {
-            url: current.as_ref().map(|o| o.url.clone()).or(url),
+            url: current.as_ref().map(|o| o.from.clone()).or(url),
             fetch,
             pos,
             end,
@@ -199,9 +344,9 @@ impl Resumable {
         loop {
             signals::check()?;
             if self.current.is_none() {
-                match self.fetch.open(self.pos, self.end, self.url.as_deref()) {
+                match self.fetch.open(self.pos, self.end, self.url.as_ref()) {
                     Ok(o) => {
-                        self.url = Some(o.url.clone());
+                        self.url = Some(o.from.clone());
                         self.current = Some(o);
                     }
                     Err(e) => return Err(e),
@@ -242,6 +387,21 @@ impl Resumable {
     /// breaking after a trickle does not.
     fn broken(&mut self, e: io::Error) -> Result<()> {
         self.current = None;
+        // A mirror that drops or stalls the connection is struck off for
+        // this blob; the next source continues from the byte reached, at
+        // no cost to the retry budget.
+        if let Some(from) = self.url.take_if(|a| self.fetch.is_mirror(a.source)) {
+            let mirror = self.fetch.sources[from.source]
+                .mirror
+                .as_deref()
+                .unwrap_or("");
+            let e = Error::Other(format!(
+                "{}: connection lost at byte {} ({e})",
+                self.fetch.label, self.pos
+            ));
+            self.fetch.strike(from.source, mirror, &e);
+            return Ok(());
+        }
         if self.progress >= REFILL_AFTER {
             self.failures = 0;
         }
@@ -280,7 +440,7 @@ pub struct Parallel {
     next: u64,
     started: bool,
     fetch: Arc<BlobFetch>,
-    url: Option<String>,
+    url: Option<Answered>,
 }
 
 struct Shared {
@@ -312,7 +472,7 @@ impl Parallel {
         let opened = fetch.open(0, Some(first_end), None)?;
         if opened.partial {
             let chunks = fetch.size.div_ceil(chunk);
-            let url = Some(opened.url.clone());
+            let url = Some(opened.from.clone());
             // The first chunk is read from this response.
             let first = Resumable::new(Arc::clone(&fetch), 0, Some(first_end), Some(opened), None);
             let shared = Arc::new(Shared {
@@ -390,7 +550,7 @@ fn fill(r: &mut Resumable, mut buf: Vec<u8>) -> Result<Vec<u8>> {
 fn worker(
     shared: &Shared,
     fetch: &Arc<BlobFetch>,
-    url: Option<String>,
+    url: Option<Answered>,
     chunk: u64,
     chunks: u64,
     window: u64,
@@ -489,6 +649,24 @@ impl Drop for Parallel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integrity_errors_name_the_mirrors_that_served_the_blob() {
+        let used = MirrorUse::default();
+        used.record("sha256:aa", "http://m1:5000/");
+        used.record("sha256:aa", "http://u:p@m2");
+        used.record("sha256:bb", "http://m3");
+        let e = used.explain(Error::Integrity("x (sha256:aa): digest mismatch".into()));
+        assert_eq!(
+            e.to_string(),
+            "x (sha256:aa): digest mismatch (bytes of it came from mirror http://m1:5000 \
+             and mirror http://***@m2)"
+        );
+        let e = used.explain(Error::Integrity("x (sha256:cc): digest mismatch".into()));
+        assert_eq!(e.to_string(), "x (sha256:cc): digest mismatch");
+        let e = used.explain(Error::Other("x (sha256:aa): gone".into()));
+        assert_eq!(e.to_string(), "x (sha256:aa): gone");
+    }
 
     #[test]
     fn content_ranges() {
