@@ -2054,3 +2054,36 @@ fn a_mirror_dropping_the_connection_mid_blob_hands_over_to_the_registry() {
         "no part continued from the byte the mirror reached"
     );
 }
+
+#[test]
+fn a_server_honouring_range_only_at_offset_zero_is_not_read_quadratically() {
+    // One 8 MiB part: 128 range chunks of 64 KiB.
+    let image = Image::split(&data(8 * MIB, 140), 8 * MIB);
+    let want = expected_disk(&image);
+    let site = Site::new(&image);
+    // 206 for a range from byte 0; the whole blob (200) for any other.
+    let server = Server::start(move |req, _| {
+        site.serve(req, |b| match req.range() {
+            Some((start, _)) if start > 0 => Reply::blob(b).no_range(),
+            _ => Reply::blob(b),
+        })
+    });
+    get_ok(&source_of(&server), &["--connections", "4"], &[], &want);
+    let served = server.body_bytes();
+    println!("{served} body bytes served for an {} byte blob", 8 * MIB);
+    assert!(
+        served < 3 * 8 * MIB as u64,
+        "{served} bytes served for an 8 MiB blob"
+    );
+    // Parallel ranges were tried, and given up after the first whole-blob
+    // answers (those already in flight), not asked chunk by chunk.
+    let ranged_past_zero = server
+        .requests()
+        .iter()
+        .filter(|r| r.range().is_some_and(|(s, _)| s > 0))
+        .count();
+    assert!(
+        (1..=4 + 2).contains(&ranged_past_zero),
+        "{ranged_past_zero} range requests"
+    );
+}

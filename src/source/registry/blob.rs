@@ -7,7 +7,10 @@
 //! - [`Parallel`]: a blob fetched as N concurrent range requests of one chunk
 //!   each into bounded, in-order buffers (at most `N + 2` chunks in memory),
 //!   for object stores and CDNs that cap each connection's rate. Each chunk
-//!   resumes on its own. The caller still reads (and hashes) in order.
+//!   resumes on its own. The caller still reads (and hashes) in order. A
+//!   server that answers a range request past byte 0 with the whole blob (a
+//!   `200`) would have every chunk read forward from byte 0 — quadratic — so
+//!   the first such answer turns the rest of the blob into one stream.
 //!
 //! Mirrors come first in a [`BlobFetch`]'s sources and the registry last. A
 //! mirror's wrong answer — an error status, a refused or dropped connection,
@@ -303,6 +306,12 @@ pub struct Resumable {
     progress: u64,
     /// What answered last.
     url: Option<Answered>,
+    /// A chunk request past byte 0 was answered with the whole blob: the
+    /// chunk is abandoned (reading forward to it would cost more than it
+    /// brings) and the error says so; the answer is kept in `whole`, for
+    /// the rest of the blob to be read from as one stream.
+    range_ignored: bool,
+    whole: Option<Opened>,
 }
 
 impl Resumable {
@@ -323,6 +332,8 @@ impl Resumable {
             current,
             failures: 0,
             progress: 0,
+            range_ignored: false,
+            whole: None,
         }
     }
 
@@ -345,6 +356,15 @@ impl Resumable {
             signals::check()?;
             if self.current.is_none() {
                 match self.fetch.open(self.pos, self.end, self.url.as_ref()) {
+                    Ok(o) if self.end.is_some() && !o.partial && self.pos > 0 => {
+                        self.range_ignored = true;
+                        self.whole = Some(o);
+                        return Err(Error::Other(format!(
+                            "{}: the server answered a range request from byte {} with \
+                             the whole blob",
+                            self.fetch.label, self.pos
+                        )));
+                    }
                     Ok(o) => {
                         self.url = Some(o.from.clone());
                         self.current = Some(o);
@@ -441,6 +461,8 @@ pub struct Parallel {
     started: bool,
     fetch: Arc<BlobFetch>,
     url: Option<Answered>,
+    /// After the server ignored a range: the rest of the blob, as one stream.
+    single: Option<Resumable>,
 }
 
 struct Shared {
@@ -457,6 +479,10 @@ struct State {
     reading: u64,
     spare: Vec<Vec<u8>>,
     cancel: bool,
+    /// A range request past byte 0 got the whole blob: no more chunks.
+    degraded: bool,
+    /// That answer (a body from byte 0), for the reader to go on with.
+    whole: Option<Opened>,
 }
 
 impl Parallel {
@@ -492,6 +518,7 @@ impl Parallel {
                 started: false,
                 fetch,
                 url,
+                single: None,
             };
             p.spawn_first(first);
             return Ok(Ok(p));
@@ -506,9 +533,7 @@ impl Parallel {
         std::thread::spawn(move || {
             signals::block_in_this_thread();
             let result = fill(&mut first, vec![0; len]);
-            let mut st = shared.state.lock().expect("parallel state");
-            st.done.insert(0, result);
-            shared.changed.notify_all();
+            deliver(&shared, 0, &mut first, result);
         });
     }
 
@@ -528,6 +553,23 @@ impl Parallel {
             });
         }
     }
+}
+
+/// Hand chunk `k` to the reader — or, when the server ignored its range,
+/// tell the reader to go on with one stream. Whether more chunks may follow.
+fn deliver(shared: &Shared, k: u64, r: &mut Resumable, result: Result<Vec<u8>>) -> bool {
+    let mut st = shared.state.lock().expect("parallel state");
+    let more = result.is_ok();
+    if r.range_ignored {
+        st.degraded = true;
+        if st.whole.is_none() {
+            st.whole = r.whole.take();
+        }
+    } else {
+        st.done.insert(k, result);
+    }
+    shared.changed.notify_all();
+    more
 }
 
 /// Read exactly the chunk's bytes into `buf`.
@@ -559,7 +601,7 @@ fn worker(
         let (k, buf) = {
             let mut st = shared.state.lock().expect("parallel state");
             loop {
-                if st.cancel || st.claim >= chunks {
+                if st.cancel || st.degraded || st.claim >= chunks {
                     return;
                 }
                 if st.claim < st.reading + window {
@@ -577,11 +619,7 @@ fn worker(
         buf.resize((end - start) as usize, 0);
         let mut r = Resumable::new(Arc::clone(fetch), start, Some(end), None, url.clone());
         let result = fill(&mut r, buf);
-        let failed = result.is_err();
-        let mut st = shared.state.lock().expect("parallel state");
-        st.done.insert(k, result);
-        shared.changed.notify_all();
-        if failed {
+        if !deliver(shared, k, &mut r, result) {
             return;
         }
     }
@@ -590,6 +628,9 @@ fn worker(
 impl Read for Parallel {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
+            if let Some(single) = &mut self.single {
+                return single.read(out);
+            }
             if let Some((buf, at)) = &mut self.current {
                 if *at < buf.len() {
                     let n = (buf.len() - *at).min(out.len());
@@ -615,6 +656,25 @@ impl Read for Parallel {
             let result = loop {
                 if let Some(r) = st.done.remove(&self.next) {
                     break r;
+                }
+                if st.degraded {
+                    // The server ignores ranges past byte 0: the rest of the
+                    // blob as one stream — the whole-blob answer that showed
+                    // it, read forward once to here, not once per chunk; the
+                    // chunks in flight are abandoned.
+                    st.cancel = true;
+                    let pos = self.next * self.chunk;
+                    let whole = st.whole.take().map(|o| Opened { skip: pos, ..o });
+                    self.shared.changed.notify_all();
+                    drop(st);
+                    self.single = Some(Resumable::new(
+                        Arc::clone(&self.fetch),
+                        pos,
+                        None,
+                        whole,
+                        self.url.clone(),
+                    ));
+                    return self.read(out);
                 }
                 if signals::pending().is_some() {
                     return Err(io::Error::from(io::ErrorKind::Interrupted));
