@@ -93,7 +93,9 @@ macro_rules! with_source_flags {
             /// retries of a failed request or lost connection (default 5)
             #[argh(option, default = "5")]
             retries: u32,
-            /// seconds without a byte before a connection counts as stalled (default 60)
+            /// the stall bound in seconds (default 60): a read with no byte for this long,
+            /// response headers or a whole manifest or token taking longer, or a blob body
+            /// below 1 KiB/s averaged over this long, is a stall (retried, or resumed)
             #[argh(option, default = "60")]
             stall_timeout: u64,
             /// concurrent range requests per blob from a registry (default: 4, or 1 for a

@@ -2087,3 +2087,231 @@ fn a_server_honouring_range_only_at_offset_zero_is_not_read_quadratically() {
         "{ranged_past_zero} range requests"
     );
 }
+
+/// Run `cmd(args, env)`; it must fail (one line) before `limit` is up.
+fn fails_within(args: &[&str], env: &[(&str, &str)], limit: Duration) -> String {
+    let started = Instant::now();
+    let mut child = cmd(args, env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(&mut child, limit);
+    let err = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("cloudimg: "), "{err}");
+    println!("{:?}: {}", started.elapsed(), lines[0]);
+    lines[0].to_owned()
+}
+
+/// Headers that never end: a header byte every 300 ms.
+fn endless_headers() -> Reply {
+    Reply::Raw {
+        head: b"HTTP/1.1 200 OK\r\n".to_vec(),
+        tail: b"X-Slow: 1\r\n".to_vec(),
+        piece: 1,
+        every: Duration::from_millis(300),
+        repeat: true,
+    }
+}
+
+/// A `103 Early Hints` every 500 ms, and never a final answer.
+fn endless_early_hints() -> Reply {
+    Reply::Raw {
+        head: Vec::new(),
+        tail: b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n".to_vec(),
+        piece: 1 << 10,
+        every: Duration::from_millis(500),
+        repeat: true,
+    }
+}
+
+/// `body` with the headers of `status`, its first `fast` bytes at once and
+/// the rest a byte every 200 ms.
+fn trickled(status: &str, extra: &str, body: &[u8], fast: usize) -> Reply {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    head.extend_from_slice(&body[..fast]);
+    Reply::Raw {
+        head,
+        tail: body[fast..].to_vec(),
+        piece: 1,
+        every: Duration::from_millis(200),
+        repeat: false,
+    }
+}
+
+/// A blob answer to `req` (206 for a range, else 200) that trickles after
+/// 1000 bytes.
+fn trickled_blob(req: &Request, data: &[u8]) -> Reply {
+    match req.range() {
+        Some((start, end)) => {
+            let end = end.map_or(data.len() - 1, |e| (e as usize).min(data.len() - 1));
+            let range = format!("Content-Range: bytes {start}-{end}/{}\r\n", data.len());
+            trickled(
+                "206 Partial Content",
+                &range,
+                &data[start as usize..=end],
+                1000,
+            )
+        }
+        None => trickled("200 OK", "", data, 1000),
+    }
+}
+
+#[test]
+fn headers_that_never_end_are_bounded_by_the_stall_timeout() {
+    let stall = ["--stall-timeout", "2", "--retries", "0"];
+    for (what, reply) in [
+        ("a header byte every 300 ms", endless_headers()),
+        ("103 Early Hints every 500 ms", endless_early_hints()),
+    ] {
+        // From the registry itself.
+        let r = reply.clone();
+        let server = Server::start(move |_, _| r.clone());
+        let src = source_of(&server);
+        let mut args = vec!["inspect", &src];
+        args.extend_from_slice(&stall);
+        let line = fails_within(&args, &[], Duration::from_secs(20));
+        assert!(
+            line.contains("stalled") && line.contains("headers"),
+            "{what}: {line}"
+        );
+        // From a token realm.
+        let r = reply.clone();
+        let realm = Server::start(move |_, _| r.clone());
+        let registry = challenging(format!("{}/token", realm.url()));
+        let src = source_of(&registry);
+        let mut args = vec!["inspect", &src];
+        args.extend_from_slice(&stall);
+        let line = fails_within(&args, &[], Duration::from_secs(20));
+        assert!(
+            line.contains("token realm") && line.contains("stalled"),
+            "{what}: {line}"
+        );
+    }
+}
+
+#[test]
+fn manifest_and_token_bodies_that_trickle_are_bounded_by_the_stall_timeout() {
+    let stall = ["--stall-timeout", "2", "--retries", "0"];
+    let image = six_parts(150);
+    let manifest = manifest_bytes(&image);
+    let server = Server::start(move |_, _| {
+        trickled(
+            "200 OK",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n",
+            &manifest,
+            10,
+        )
+    });
+    let src = source_of(&server);
+    let mut args = vec!["inspect", &src];
+    args.extend_from_slice(&stall);
+    let line = fails_within(&args, &[], Duration::from_secs(20));
+    assert!(
+        line.contains("manifest") && line.contains("stalled"),
+        "{line}"
+    );
+    let token = br#"{"token":"a-token-that-takes-its-time-to-arrive"}"#;
+    let realm = Server::start(move |_, _| trickled("200 OK", "", token, 5));
+    let registry = challenging(format!("{}/token", realm.url()));
+    let src = source_of(&registry);
+    let mut args = vec!["inspect", &src];
+    args.extend_from_slice(&stall);
+    let line = fails_within(&args, &[], Duration::from_secs(20));
+    assert!(
+        line.contains("token realm") && line.contains("stalled"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_blob_body_below_the_minimum_rate_is_resumed_and_then_fails_in_bounded_time() {
+    let image = six_parts(151);
+    let want = expected_disk(&image);
+    let last = sha256(&part(&image, 5).data);
+    let site = Arc::new(Site::new(&image));
+    for connections in ["1", "4"] {
+        // Once: the last part trickles after 1000 bytes (of its first range).
+        let once_site = Arc::clone(&site);
+        let once_last = last.clone();
+        let server = Server::start(move |req, n| {
+            once_site.serve(req, |b| {
+                if req.path().ends_with(&once_last) && n == 0 {
+                    trickled_blob(req, &b)
+                } else {
+                    Reply::blob(b)
+                }
+            })
+        });
+        let started = Instant::now();
+        let out_dir = TempDir::new().unwrap();
+        let target = out_dir.path().join("disk.img");
+        let src = source_of(&server);
+        let args = [
+            "get",
+            "-q",
+            &src,
+            "-o",
+            target.to_str().unwrap(),
+            "--stall-timeout",
+            "2",
+            "--connections",
+            connections,
+        ];
+        let mut child = cmd(&args, &[]).stderr(Stdio::piped()).spawn().unwrap();
+        let status = wait_for(&mut child, Duration::from_secs(20));
+        assert!(status.success(), "{}", stderr_of(&mut child));
+        assert!(std::fs::read(&target).unwrap() == want, "output differs");
+        println!(
+            "{connections} connection(s): resumed after {:?}",
+            started.elapsed()
+        );
+        // The trickling request was given up and its range resumed.
+        let resumed = server.requests().iter().any(|r| {
+            r.path().ends_with(&last) && r.range().is_some_and(|(s, _)| s % 65536 >= 1000)
+        });
+        assert!(resumed, "no resume of the trickling part");
+    }
+    // Always trickling: the retry budget runs out, in bounded time.
+    let always_site = Arc::clone(&site);
+    let always = Server::start(move |req, _| {
+        always_site.serve(req, |b| {
+            if req.path().ends_with(&last) {
+                trickled_blob(req, &b)
+            } else {
+                Reply::blob(b)
+            }
+        })
+    });
+    for connections in ["1", "4"] {
+        let out_dir = TempDir::new().unwrap();
+        let target = out_dir.path().join("disk.img");
+        let src = source_of(&always);
+        let args = [
+            "get",
+            "-q",
+            &src,
+            "-o",
+            target.to_str().unwrap(),
+            "--stall-timeout",
+            "2",
+            "--retries",
+            "1",
+            "--connections",
+            connections,
+        ];
+        let line = fails_within(&args, &[], Duration::from_secs(30));
+        assert!(
+            line.contains("disk.05.qcow2.part") && line.contains("too slow"),
+            "{line}"
+        );
+        assert!(names(out_dir.path()).is_empty());
+    }
+}

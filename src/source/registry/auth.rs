@@ -219,12 +219,12 @@ impl CredentialStore {
         if let Some(c) = &self.explicit {
             return Ok(Some(c.clone()));
         }
-        self.from_docker_config(&origin.authority())
+        self.in_docker_config(&origin.authority())
     }
 
     /// `auths.HOST` (or a credential helper) of the docker config, for
     /// `host` (`name[:port]`).
-    fn from_docker_config(&self, host: &str) -> Result<Option<Credentials>> {
+    fn in_docker_config(&self, host: &str) -> Result<Option<Credentials>> {
         let Some(dir) = &self.docker_config_dir else {
             return Ok(None);
         };

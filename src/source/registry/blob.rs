@@ -24,10 +24,11 @@
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use ureq::http::StatusCode;
 
-use super::client::{Client, Response, backoff, pause, redact};
+use super::client::{BodyKind, Client, Response, backoff, pause, redact};
 use crate::error::{Error, Result};
 use crate::signals;
 
@@ -161,7 +162,7 @@ impl BlobFetch {
             let mirror = self.sources[candidate.source].mirror.as_deref();
             let answer = self
                 .client
-                .get_tries(&candidate.url, &headers, &self.scope, tries)
+                .get_tries(&candidate.url, &headers, &self.scope, tries, BodyKind::Blob)
                 .map_err(|e| self.labelled(e))
                 .and_then(|resp| self.accept(resp, pos, mirror.is_some()));
             match answer {
@@ -312,6 +313,52 @@ pub struct Resumable {
     /// the rest of the blob to be read from as one stream.
     range_ignored: bool,
     whole: Option<Opened>,
+    /// The current connection's rate.
+    pace: Pace,
+}
+
+/// The slowest a blob body may arrive: fewer bytes than this per second,
+/// averaged over a window of the stall timeout, and the connection counts
+/// as stalled (it is dropped and resumed). Only time spent waiting in reads
+/// counts, so a slow consumer (a full pipe) is never blamed on the server.
+pub const MIN_RATE: u64 = 1024;
+
+/// A connection's rate over windows of the stall timeout.
+struct Pace {
+    window: Duration,
+    waited: Duration,
+    got: u64,
+}
+
+impl Pace {
+    fn new(window: Duration) -> Pace {
+        Pace {
+            window,
+            waited: Duration::ZERO,
+            got: 0,
+        }
+    }
+
+    /// Count one read that waited `took` and brought `n` bytes; a window
+    /// that ends below the minimum rate is an error, saying so.
+    fn account(&mut self, took: Duration, n: u64) -> std::result::Result<(), String> {
+        self.waited += took;
+        self.got += n;
+        if self.waited < self.window {
+            return Ok(());
+        }
+        let floor = (MIN_RATE as f64 * self.waited.as_secs_f64()) as u64;
+        let (got, waited) = (self.got, self.waited);
+        self.waited = Duration::ZERO;
+        self.got = 0;
+        if got < floor {
+            return Err(format!(
+                "too slow: {got} bytes in {:.1} s, below {MIN_RATE} bytes/s",
+                waited.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Resumable {
@@ -326,6 +373,7 @@ impl Resumable {
     ) -> Resumable {
         Resumable {
             url: current.as_ref().map(|o| o.from.clone()).or(url),
+            pace: Pace::new(fetch.client.stall_timeout()),
             fetch,
             pos,
             end,
@@ -368,25 +416,50 @@ impl Resumable {
                     Ok(o) => {
                         self.url = Some(o.from.clone());
                         self.current = Some(o);
+                        self.pace = Pace::new(self.fetch.client.stall_timeout());
                     }
                     Err(e) => return Err(e),
                 }
             }
             let opened = self.current.as_mut().expect("opened above");
-            let outcome = if opened.skip > 0 {
-                // The server ignored Range: read forward to where we were.
-                let n = opened.skip.min(buf.len() as u64) as usize;
-                match opened.body.read(&mut buf[..n]) {
-                    Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                    Ok(k) => {
-                        opened.skip -= k as u64;
-                        continue;
-                    }
-                    Err(e) => Err(e),
-                }
+            // The server ignored Range: read forward to where we were first.
+            let skipping = opened.skip > 0;
+            let n = if skipping {
+                opened.skip.min(buf.len() as u64) as usize
             } else {
-                opened.body.read(&mut buf[..want])
+                want
             };
+            let started = Instant::now();
+            let outcome = opened.body.read(&mut buf[..n]);
+            let slow = match &outcome {
+                Ok(k) => self.pace.account(started.elapsed(), *k as u64).err(),
+                Err(_) => None,
+            };
+            let outcome = match (outcome, skipping) {
+                (Ok(0), true) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                (Ok(k), true) => {
+                    if let Some(current) = self.current.as_mut() {
+                        current.skip -= k as u64;
+                    }
+                    if let Some(slow) = slow {
+                        self.broken(io::Error::new(io::ErrorKind::TimedOut, slow))?;
+                    }
+                    continue;
+                }
+                (outcome, _) => outcome,
+            };
+            if let (Ok(k), Some(slow)) = (&outcome, slow) {
+                // Hand out what came; the connection is dropped and resumed
+                // from after it.
+                let k = *k;
+                self.pos += k as u64;
+                self.progress += k as u64;
+                self.broken(io::Error::new(io::ErrorKind::TimedOut, slow))?;
+                if k > 0 {
+                    return Ok(k);
+                }
+                continue;
+            }
             match outcome {
                 Ok(0) if self.end.is_none() && self.pos >= self.fetch.size => return Ok(0),
                 Ok(0) => self.broken(io::Error::from(io::ErrorKind::UnexpectedEof))?,
@@ -682,7 +755,7 @@ impl Read for Parallel {
                 st = self
                     .shared
                     .changed
-                    .wait_timeout(st, std::time::Duration::from_millis(100))
+                    .wait_timeout(st, Duration::from_millis(100))
                     .expect("parallel state")
                     .0;
             };
@@ -709,6 +782,25 @@ impl Drop for Parallel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pace_fails_a_window_below_the_minimum_rate() {
+        let s = Duration::from_secs(1);
+        let mut fast = Pace::new(2 * s);
+        for _ in 0..10 {
+            assert!(fast.account(s, 4096).is_ok());
+        }
+        // A byte per read, for two seconds of waiting.
+        let mut trickle = Pace::new(2 * s);
+        assert!(trickle.account(s, 1).is_ok());
+        let e = trickle.account(s, 1).unwrap_err();
+        assert_eq!(e, "too slow: 2 bytes in 2.0 s, below 1024 bytes/s");
+        // Time not spent waiting (a slow consumer) does not count.
+        let mut idle = Pace::new(2 * s);
+        for _ in 0..1000 {
+            assert!(idle.account(Duration::ZERO, 1).is_ok());
+        }
+    }
 
     #[test]
     fn integrity_errors_name_the_mirrors_that_served_the_blob() {

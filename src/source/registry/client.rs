@@ -143,12 +143,26 @@ pub fn may_carry_credentials(to: &Origin, plain_http: bool) -> bool {
     to.scheme == "https" || plain_http || is_loopback(to.host())
 }
 
+/// What a response body is, which decides how long it may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// A manifest or a token: small, so the whole body must arrive within the
+    /// stall timeout.
+    Document,
+    /// A blob, which may take hours: bounded by its rate instead (see
+    /// [`blob`](super::blob)), and by the stall timeout per read.
+    Blob,
+}
+
 /// Settings for the client.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// How many times a failed request is retried.
     pub retries: u32,
-    /// No byte for this long is a stall: the read fails (and is resumed).
+    /// The stall bound: no byte for this long fails a read; the response
+    /// headers (1xx answers included), and a manifest's or token's whole
+    /// body, must each arrive within it; a blob body must keep up
+    /// [`MIN_RATE`] over windows of it.
     pub stall_timeout: Duration,
     /// Credentials for the registry's origin (and no other).
     pub credentials: CredentialStore,
@@ -216,6 +230,9 @@ impl Client {
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_per_read(Some(opts.stall_timeout))
             .timeout_per_write(Some(opts.stall_timeout))
+            // In total, not per byte: a header a byte at a time, or endless
+            // `103 Early Hints`, must not hold a run forever.
+            .timeout_recv_response(Some(opts.stall_timeout))
             .user_agent(concat!("cloudimg/", env!("CARGO_PKG_VERSION")))
             // Large receives: a blob body is read in big pieces.
             .input_buffer_size(INPUT_BUFFER)
@@ -232,25 +249,25 @@ impl Client {
         self.opts.retries
     }
 
-    /// `GET url`, following redirects, answering auth challenges and retrying
-    /// transient failures with exponential backoff and jitter. `scope` is the
-    /// token scope for the repository (`repository:NAME:pull`). Only 2xx
-    /// responses are returned.
-    pub fn get(&self, url: &str, headers: &[(&str, String)], scope: &str) -> Result<Response> {
-        self.get_tries(url, headers, scope, self.opts.retries)
+    pub fn stall_timeout(&self) -> Duration {
+        self.opts.stall_timeout
     }
 
-    /// [`get`](Client::get) with its own retry budget (mirrors get none).
+    /// `GET url`, following redirects, answering auth challenges and retrying
+    /// transient failures with exponential backoff and jitter, `retries`
+    /// times (mirrors get none). `scope` is the token scope for the
+    /// repository (`repository:NAME:pull`). Only 2xx responses are returned.
     pub fn get_tries(
         &self,
         url: &str,
         headers: &[(&str, String)],
         scope: &str,
         retries: u32,
+        body: BodyKind,
     ) -> Result<Response> {
         let mut attempt = 0u32;
         loop {
-            match self.get_once(url, headers, scope) {
+            match self.get_once(url, headers, scope, body) {
                 Ok(r) => return Ok(r),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Transient { error, retry_after }) => {
@@ -274,6 +291,7 @@ impl Client {
         url: &str,
         headers: &[(&str, String)],
         scope: &str,
+        body: BodyKind,
     ) -> std::result::Result<Response, Failure> {
         let mut url = url.to_owned();
         let mut challenged: Vec<Origin> = Vec::new();
@@ -289,6 +307,12 @@ impl Client {
                 ))));
             }
             let mut req = self.agent.get(&url);
+            if body == BodyKind::Document {
+                req = req
+                    .config()
+                    .timeout_recv_body(Some(self.opts.stall_timeout))
+                    .build();
+            }
             for (k, v) in headers {
                 req = req.header(*k, v.as_str());
             }
@@ -424,7 +448,12 @@ impl Client {
                 ));
                 let sep = if realm.contains('?') { '&' } else { '?' };
                 let token_url = format!("{realm}{sep}{}", query.join("&"));
-                let mut req = self.agent.get(&token_url);
+                let mut req = self
+                    .agent
+                    .get(&token_url)
+                    .config()
+                    .timeout_recv_body(Some(self.opts.stall_timeout))
+                    .build();
                 if let Some(c) = &creds {
                     req = req.header("Authorization", c.basic_header().expose());
                 }
@@ -528,12 +557,34 @@ fn status_failure(url: &str, status: StatusCode, retry_after: Option<Duration>) 
     }
 }
 
+/// What a timeout of ureq's means, in this client's terms.
+fn timeout_text(t: ureq::Timeout) -> String {
+    match t {
+        ureq::Timeout::PerRead => "stalled: nothing received within the stall timeout".into(),
+        ureq::Timeout::RecvResponse => {
+            "stalled: no complete response headers within the stall timeout".into()
+        }
+        ureq::Timeout::RecvBody => {
+            "stalled: the whole body did not arrive within the stall timeout".into()
+        }
+        t => format!("timeout: {t}"),
+    }
+}
+
+/// An I/O error of a response body, in this client's terms.
+pub fn body_error_text(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+    {
+        Some(ureq::Error::Timeout(t)) => timeout_text(*t),
+        _ => e.to_string(),
+    }
+}
+
 fn transport_failure(url: &str, e: ureq::Error) -> Failure {
     let error = Error::Other(match e {
-        ureq::Error::Timeout(ureq::Timeout::PerRead) => format!(
-            "GET {}: stalled: nothing received within the stall timeout",
-            redact(url)
-        ),
+        ureq::Error::Timeout(t) => format!("GET {}: {}", redact(url), timeout_text(t)),
         _ => format!("GET {}: {e}", redact(url)),
     });
     match e {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use self::auth::{CredentialStore, Credentials, Secret};
 use self::blob::{BlobFetch, BlobUrl, MirrorUse, Parallel, Resumable, note};
-use self::client::{Client, ClientOptions, Origin, is_loopback, redact};
+use self::client::{BodyKind, Client, ClientOptions, Origin, body_error_text, is_loopback, redact};
 use super::{Blob, BlobSource, Resolved, choose_platform};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result};
@@ -233,7 +233,7 @@ impl Registry {
     ) -> Result<(Vec<u8>, Digest)> {
         let resp = self
             .client
-            .get_tries(url, headers, &self.scope(), tries)
+            .get_tries(url, headers, &self.scope(), tries, BodyKind::Document)
             .map_err(|e| match e {
                 Error::NotFound(_) => Error::NotFound(format!(
                     "{}: no such manifest in the registry",
@@ -264,7 +264,13 @@ impl Registry {
             .into_reader()
             .take(MAX_MANIFEST_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| Error::io(format!("reading manifest from {}", redact(url)), e))?;
+            .map_err(|e| {
+                Error::Other(format!(
+                    "reading manifest from {}: {}",
+                    redact(url),
+                    body_error_text(&e)
+                ))
+            })?;
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(Error::Manifest(format!(
                 "manifest from {} is larger than the {MAX_MANIFEST_BYTES} byte limit",
