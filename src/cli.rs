@@ -20,6 +20,7 @@ use crate::route::Sparse;
 use crate::sink::Sink;
 use crate::source::registry::RegistryOptions;
 use crate::source::registry::auth::{Credentials, Secret};
+use crate::source::registry::client::redact;
 use crate::source::{SourceOptions, parse_platform};
 use crate::stream::{self, Options};
 use crate::{signals, source};
@@ -92,7 +93,9 @@ macro_rules! with_source_flags {
             /// retries of a failed request or lost connection (default 5)
             #[argh(option, default = "5")]
             retries: u32,
-            /// seconds without a byte before a connection counts as stalled (default 60)
+            /// the stall bound in seconds (default 60): a read with no byte for this long,
+            /// response headers or a whole manifest or token taking longer, or a blob body
+            /// below 1 KiB/s averaged over this long, is a stall (retried, or resumed)
             #[argh(option, default = "60")]
             stall_timeout: u64,
             /// concurrent range requests per blob from a registry (default: 4, or 1 for a
@@ -245,7 +248,8 @@ fn check_mirror(m: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "mirror {m:?} must be an http:// or https:// base URL"
+            "mirror {:?} must be an http:// or https:// base URL",
+            redact(m)
         ))
     }
 }
@@ -467,7 +471,7 @@ fn get(a: GetArgs) -> Result<()> {
         }
         Err(e) => {
             progress.abandon();
-            Err(e)
+            Err(source.explain(e))
         }
     }
 }
@@ -509,7 +513,7 @@ fn pull(a: PullArgs) -> Result<()> {
         }
         Err(e) => {
             progress.abandon();
-            Err(e)
+            Err(source.explain(e))
         }
     }
 }

@@ -2268,3 +2268,754 @@ fn a_nonblocking_stdout_pipe_is_waited_for() {
     assert!(status.success(), "{err}");
     assert!(got == want, "got {} bytes, want {}", got.len(), want.len());
 }
+
+// ---- Registry: credentials, bounded reads, mirrors ----
+
+/// `cmd(args, env)` with `password` on its stdin; its output.
+fn run_with_password(args: &[&str], env: &[(&str, &str)], password: &str) -> Output {
+    let mut child = cmd(args, env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), password.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// base64("alice:hunter2")
+const ALICE_BASIC: &str = "Basic YWxpY2U6aHVudGVyMg==";
+
+/// A docker config directory whose `auths` give alice:hunter2 to `key`.
+fn docker_config_for(key: &str) -> TempDir {
+    let dir = TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        format!(r#"{{"auths":{{"{key}":{{"auth":"YWxpY2U6aHVudGVyMg=="}}}}}}"#),
+    )
+    .unwrap();
+    dir
+}
+
+/// Whether any header of `r` carries alice's password in any form.
+fn carries_password(r: &Request) -> bool {
+    r.headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("authorization") || v.contains("YWxpY2U6aHVudGVyMg"))
+}
+
+#[test]
+fn credentials_for_an_https_registry_never_reach_its_plain_http_twin() {
+    let ca = common::tls::test_ca();
+    let ca_pem = ca.ca_pem.to_str().unwrap();
+    // The token realm the plain-http side may point at (anonymous tokens).
+    let realm = Server::start(|_, _| Reply::json(200, &json!({"token": "anon"})));
+    let realm_url = format!("{}/token", realm.url());
+    for bearer in [false, true] {
+        for from_docker_config in [false, true] {
+            let realm_url = realm_url.clone();
+            // One port, two origins: over TLS the registry asks for the
+            // password and, once given it, redirects to http on the same
+            // host and port, where a challenge asks again.
+            let server = Server::start_tls(Arc::clone(&ca.server), move |req, _| {
+                let host = req.header("host").unwrap().to_owned();
+                if req.tls {
+                    return match req.header("authorization") {
+                        Some(ALICE_BASIC) => {
+                            Reply::redirect(307, &format!("http://{host}{}", req.target))
+                        }
+                        _ => Reply::status(401).header("WWW-Authenticate", "Basic realm=\"x\""),
+                    };
+                }
+                let challenge = if bearer {
+                    format!("Bearer realm=\"{realm_url}\",service=\"twin\"")
+                } else {
+                    "Basic realm=\"x\"".to_owned()
+                };
+                Reply::status(401).header("WWW-Authenticate", &challenge)
+            });
+            let docker = docker_config_for(&server.host());
+            let https = server.https_url();
+            let mut env = vec![("EPOCH_SERVER", https.as_str()), ("EPOCH_CA_CERT", ca_pem)];
+            let out = if from_docker_config {
+                env.push(("DOCKER_CONFIG", docker.path().to_str().unwrap()));
+                cmd(&["inspect", "r:v1"], &env).output().unwrap()
+            } else {
+                run_with_password(
+                    &["inspect", "r:v1", "--username", "alice", "--password-stdin"],
+                    &env,
+                    "hunter2\n",
+                )
+            };
+            let line = failure(&out);
+            let case = format!("bearer={bearer} docker_config={from_docker_config}: {line}");
+            println!("{case}");
+            let seen = server.requests();
+            // The https origin got the password (that is whose it is)...
+            assert!(
+                seen.iter()
+                    .any(|r| r.tls && r.header("authorization") == Some(ALICE_BASIC)),
+                "{case}"
+            );
+            // ...and the plain-http origin was reached, but never with it.
+            let plain: Vec<&Request> = seen.iter().filter(|r| !r.tls).collect();
+            assert!(!plain.is_empty(), "the redirect was not followed: {case}");
+            for r in plain {
+                assert!(
+                    !r.headers
+                        .iter()
+                        .any(|(_, v)| v.contains("YWxpY2U6aHVudGVyMg")),
+                    "the password went over plain http: {:?} ({case})",
+                    r.headers
+                );
+            }
+            assert!(!line.contains("hunter2"), "{case}");
+        }
+    }
+    // Only the anonymous kind of token was ever asked for.
+    for r in realm.requests() {
+        assert!(!carries_password(&r), "the realm got {:?}", r.headers);
+    }
+}
+
+/// A local address that is not loopback (the one the default route would
+/// leave from), or `None` on a machine without one.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    for probe in ["192.0.2.1:9", "10.255.255.1:9", "8.8.8.8:53"] {
+        let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+            continue;
+        };
+        // Connecting a UDP socket sends nothing; it only picks a route.
+        if s.connect(probe).is_ok()
+            && let Ok(a) = s.local_addr()
+            && !a.ip().is_loopback()
+            && !a.ip().is_unspecified()
+            && std::net::TcpListener::bind((a.ip(), 0)).is_ok()
+        {
+            return Some(a.ip());
+        }
+    }
+    None
+}
+
+#[test]
+fn no_password_goes_over_plain_http_off_loopback_without_plain_http() {
+    let Some(ip) = non_loopback_address() else {
+        println!("skipped: this machine has no address off loopback");
+        return;
+    };
+    let image = six_parts(120);
+    let site = Site::new(&image);
+    // A registry off loopback over plain http, asking for a password.
+    let server = Server::start_at(ip, move |req, _| {
+        if req.header("authorization") != Some(ALICE_BASIC) {
+            return Reply::status(401).header("WWW-Authenticate", "Basic realm=\"x\"");
+        }
+        site.serve(req, Reply::blob)
+    });
+    let epoch = server.url();
+    let env = [("EPOCH_SERVER", epoch.as_str())];
+    let line = failure(&run_with_password(
+        &[
+            "inspect",
+            "img:v1",
+            "--username",
+            "alice",
+            "--password-stdin",
+        ],
+        &env,
+        "hunter2\n",
+    ));
+    assert!(
+        line.contains("plain http") && line.contains("--plain-http"),
+        "{line}"
+    );
+    assert!(
+        server.requests().iter().all(|r| !carries_password(r)),
+        "the password went over plain http: {line}"
+    );
+    // The same from the docker config.
+    let docker = docker_config_for(&server.host());
+    let line = failure(
+        &cmd(
+            &["inspect", "img:v1"],
+            &[
+                ("EPOCH_SERVER", &epoch),
+                ("DOCKER_CONFIG", docker.path().to_str().unwrap()),
+            ],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert!(line.contains("plain http"), "{line}");
+    assert!(server.requests().iter().all(|r| !carries_password(r)));
+    // A token realm off loopback over plain http, for a loopback registry.
+    let realm = Server::start_at(ip, |_, _| Reply::json(200, &json!({"token": "t"})));
+    let realm_url = format!("{}/token", realm.url());
+    let registry = challenging(realm_url);
+    let line = failure(&run_with_password(
+        &[
+            "inspect",
+            &source_of(&registry),
+            "--username",
+            "alice",
+            "--password-stdin",
+        ],
+        &[],
+        "hunter2\n",
+    ));
+    assert!(line.contains("plain http"), "{line}");
+    assert!(realm.requests().is_empty(), "the realm was asked: {line}");
+    // With --plain-http the user has accepted plain http: the password goes.
+    let out = run_with_password(
+        &[
+            "inspect",
+            "img:v1",
+            "--username",
+            "alice",
+            "--password-stdin",
+            "--plain-http",
+        ],
+        &env,
+        "hunter2\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A loopback port nobody listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn user_names_and_passwords_in_urls_are_never_printed() {
+    let closed = closed_port();
+    let with_userinfo = format!("http://user:tok3n@127.0.0.1:{closed}");
+    let check = |line: &str| {
+        assert!(!line.contains("tok3n") && !line.contains("user:"), "{line}");
+    };
+    // EPOCH_SERVER with userinfo, unreachable.
+    let line = failure(
+        &cmd(
+            &["inspect", "img:v1", "--retries", "0"],
+            &[("EPOCH_SERVER", &with_userinfo)],
+        )
+        .output()
+        .unwrap(),
+    );
+    assert!(
+        line.contains(&format!(
+            "http://***@127.0.0.1:{closed}/v2/img/manifests/v1"
+        )),
+        "{line}"
+    );
+    check(&line);
+    // EPOCH_SERVER that is no URL at all.
+    let line = failure(
+        &cmd(
+            &["inspect", "img:v1"],
+            &[("EPOCH_SERVER", "http://user:tok3n@")],
+        )
+        .output()
+        .unwrap(),
+    );
+    check(&line);
+    // A mirror URL that is refused: a usage error (exit 2), one line.
+    let out = cmd(
+        &[
+            "inspect",
+            "img:v1",
+            "--mirror",
+            "ftp://user:tok3n@m.example/",
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    check(err.trim_end());
+    // The same from the environment: exit 1.
+    let out = cmd(
+        &["inspect", "img:v1"],
+        &[("CLOUDIMG_MIRRORS", "ftp://user:tok3n@m.example/")],
+    )
+    .output()
+    .unwrap();
+    check(&failure(&out));
+    // A registry that redirects blobs to a URL with userinfo, unreachable.
+    let image = six_parts(121);
+    let site = Site::new(&image);
+    let target = with_userinfo.clone();
+    let server = Server::start(move |req, _| {
+        if req.path().contains("/blobs/") {
+            return Reply::redirect(307, &format!("{target}/store?X-Signature=s3cr3t"));
+        }
+        site.serve(req, Reply::blob)
+    });
+    let line = get_fails(&source_of(&server), &["--retries", "0"], &[]);
+    assert!(
+        line.contains("***@127.0.0.1") && !line.contains("s3cr3t"),
+        "{line}"
+    );
+    check(&line);
+}
+
+/// What a broken mirror answers for every blob and manifest.
+#[derive(Clone, Copy, Debug)]
+enum BadMirror {
+    /// 200 with an HTML page (a captive portal, an error page): wrong size.
+    HtmlPage,
+    /// 200 with an HTML page padded to the blob's own length.
+    HtmlOfTheRightLength,
+    /// 500.
+    ServerError,
+    /// The connection closed without an answer.
+    Hangs,
+    /// 206 claiming another total size.
+    WrongContentRange,
+}
+
+fn bad_mirror(how: BadMirror, site: Arc<Site>) -> Server {
+    Server::start(move |req, _| {
+        let len = req
+            .path()
+            .rsplit('/')
+            .next()
+            .and_then(|d| site.blobs.get(d))
+            .map_or(site.manifest.len(), |b| b.len());
+        let page = b"<html><body>Please log in to the hotel network</body></html>".to_vec();
+        match how {
+            BadMirror::HtmlPage => Reply::bytes(200, "text/html", page),
+            BadMirror::HtmlOfTheRightLength => {
+                let mut page = page;
+                page.resize(len, b' ');
+                Reply::bytes(200, "text/html; charset=utf-8", page)
+            }
+            BadMirror::ServerError => Reply::status(500),
+            BadMirror::Hangs => Reply::Close,
+            BadMirror::WrongContentRange => Reply::Full {
+                status: 206,
+                headers: vec![("Content-Range".into(), format!("bytes 0-9/{}", len + 1))],
+                body: vec![0; 10],
+            },
+        }
+    })
+}
+
+#[test]
+fn a_mirror_with_a_wrong_answer_is_skipped_for_the_next_source() {
+    let image = six_parts(130);
+    let want = expected_disk(&image);
+    let site = Arc::new(Site::new(&image));
+    let manifest_digest = sha256(&site.manifest);
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for how in [
+        BadMirror::HtmlPage,
+        BadMirror::HtmlOfTheRightLength,
+        BadMirror::ServerError,
+        BadMirror::Hangs,
+        BadMirror::WrongContentRange,
+    ] {
+        for connections in ["1", "4"] {
+            let mirror = bad_mirror(how, Arc::clone(&site));
+            let before = blob_requests(&registry);
+            // A digest-pinned reference, so that the manifest is asked of
+            // the mirror too.
+            let src = format!("{}/img@{manifest_digest}", registry.host());
+            let args = ["--mirror", &mirror.url(), "--connections", connections];
+            let out = get_ok(&src, &args, &[], &want);
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            let case = format!("{how:?}, {connections} connection(s): {err}");
+            println!("{case}");
+            // Each wrong answer is one line naming the mirror; the registry
+            // served every part.
+            let lines: Vec<&str> = err.lines().collect();
+            assert!(!lines.is_empty(), "nothing said about the mirror: {case}");
+            assert!(
+                lines.len() <= 7,
+                "one line per blob and manifest at most: {case}"
+            );
+            for l in &lines {
+                assert!(
+                    l.starts_with(&format!("cloudimg: mirror {}", mirror.url())),
+                    "{case}"
+                );
+            }
+            assert!(blob_requests(&registry) - before >= 6, "{case}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_mirror_is_followed_by_the_next_mirror_before_the_registry() {
+    let image = six_parts(131);
+    let want = expected_disk(&image);
+    let site = Arc::new(Site::new(&image));
+    let bad = bad_mirror(BadMirror::HtmlPage, Arc::clone(&site));
+    let good_site = Arc::clone(&site);
+    let good = Server::start(move |req, _| good_site.serve(req, Reply::blob));
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for connections in ["1", "4"] {
+        let args = [
+            "--mirror",
+            &bad.url(),
+            "--mirror",
+            &good.url(),
+            "--connections",
+            connections,
+        ];
+        let out = get_ok(&source_of(&registry), &args, &[], &want);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("cloudimg: mirror {}", bad.url())),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        blob_requests(&registry),
+        0,
+        "the second mirror served every part"
+    );
+}
+
+#[test]
+fn a_mirror_sending_wrong_bytes_of_the_right_length_fails_naming_the_mirror() {
+    let image = six_parts(132);
+    let site = Arc::new(Site::new(&image));
+    let zero_site = Arc::clone(&site);
+    // Zeros of the right length, as a blob: the size is right, so the bytes
+    // flow; only the digest, at the end, shows they are wrong.
+    let mirror = Server::start(move |req, _| {
+        let d = req.path().rsplit('/').next().unwrap();
+        match zero_site.blobs.get(d) {
+            Some(b) => Reply::blob(Arc::new(vec![0; b.len()])),
+            None => Reply::status(404),
+        }
+    });
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for connections in ["1", "4"] {
+        fails_everywhere(
+            &source_of(&registry),
+            &["--mirror", &mirror.url(), "--connections", connections],
+            &[],
+            &[
+                "digest mismatch",
+                "disk.00.qcow2.part",
+                &format!("mirror {}", mirror.url()),
+            ],
+        );
+    }
+}
+
+#[test]
+fn a_mirror_dropping_the_connection_mid_blob_hands_over_to_the_registry() {
+    let image = six_parts(133);
+    let want = expected_disk(&image);
+    let site = Arc::new(Site::new(&image));
+    let cut_site = Arc::clone(&site);
+    let mirror =
+        Server::start(move |req, _| cut_site.serve(req, |b| Reply::blob(b).cut_after(1000)));
+    let origin_site = Arc::clone(&site);
+    let registry = Server::start(move |req, _| origin_site.serve(req, Reply::blob));
+    for connections in ["1", "4"] {
+        // No retries: handing over must not cost any.
+        let args = [
+            "--mirror",
+            &mirror.url(),
+            "--connections",
+            connections,
+            "--retries",
+            "0",
+        ];
+        let out = get_ok(&source_of(&registry), &args, &[], &want);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(!lines.is_empty() && lines.len() <= 6, "{err}");
+        for l in lines {
+            assert!(
+                l.starts_with(&format!("cloudimg: mirror {}", mirror.url()))
+                    && l.contains("connection lost"),
+                "{err}"
+            );
+        }
+    }
+    // The registry continued each part where the mirror broke off.
+    assert!(
+        registry
+            .requests()
+            .iter()
+            .any(|r| r.range().is_some_and(|(s, _)| s % 65536 == 1000)),
+        "no part continued from the byte the mirror reached"
+    );
+}
+
+#[test]
+fn a_server_honouring_range_only_at_offset_zero_is_not_read_quadratically() {
+    // One 8 MiB part: 128 range chunks of 64 KiB.
+    let image = Image::split(&data(8 * MIB, 140), 8 * MIB);
+    let want = expected_disk(&image);
+    let site = Site::new(&image);
+    // 206 for a range from byte 0; the whole blob (200) for any other.
+    let server = Server::start(move |req, _| {
+        site.serve(req, |b| match req.range() {
+            Some((start, _)) if start > 0 => Reply::blob(b).no_range(),
+            _ => Reply::blob(b),
+        })
+    });
+    get_ok(&source_of(&server), &["--connections", "4"], &[], &want);
+    let served = server.body_bytes();
+    println!("{served} body bytes served for an {} byte blob", 8 * MIB);
+    assert!(
+        served < 3 * 8 * MIB as u64,
+        "{served} bytes served for an 8 MiB blob"
+    );
+    // Parallel ranges were tried, and given up after the first whole-blob
+    // answers (those already in flight), not asked chunk by chunk.
+    let ranged_past_zero = server
+        .requests()
+        .iter()
+        .filter(|r| r.range().is_some_and(|(s, _)| s > 0))
+        .count();
+    assert!(
+        (1..=4 + 2).contains(&ranged_past_zero),
+        "{ranged_past_zero} range requests"
+    );
+}
+
+/// Run `cmd(args, env)`; it must fail (one line) before `limit` is up.
+fn fails_within(args: &[&str], env: &[(&str, &str)], limit: Duration) -> String {
+    let started = Instant::now();
+    let mut child = cmd(args, env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(&mut child, limit);
+    let err = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("cloudimg: "), "{err}");
+    println!("{:?}: {}", started.elapsed(), lines[0]);
+    lines[0].to_owned()
+}
+
+/// Headers that never end: a header byte every 300 ms.
+fn endless_headers() -> Reply {
+    Reply::Raw {
+        head: b"HTTP/1.1 200 OK\r\n".to_vec(),
+        tail: b"X-Slow: 1\r\n".to_vec(),
+        piece: 1,
+        every: Duration::from_millis(300),
+        repeat: true,
+    }
+}
+
+/// A `103 Early Hints` every 500 ms, and never a final answer.
+fn endless_early_hints() -> Reply {
+    Reply::Raw {
+        head: Vec::new(),
+        tail: b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n".to_vec(),
+        piece: 1 << 10,
+        every: Duration::from_millis(500),
+        repeat: true,
+    }
+}
+
+/// `body` with the headers of `status`, its first `fast` bytes at once and
+/// the rest a byte every 200 ms.
+fn trickled(status: &str, extra: &str, body: &[u8], fast: usize) -> Reply {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    head.extend_from_slice(&body[..fast]);
+    Reply::Raw {
+        head,
+        tail: body[fast..].to_vec(),
+        piece: 1,
+        every: Duration::from_millis(200),
+        repeat: false,
+    }
+}
+
+/// A blob answer to `req` (206 for a range, else 200) that trickles after
+/// 1000 bytes.
+fn trickled_blob(req: &Request, data: &[u8]) -> Reply {
+    match req.range() {
+        Some((start, end)) => {
+            let end = end.map_or(data.len() - 1, |e| (e as usize).min(data.len() - 1));
+            let range = format!("Content-Range: bytes {start}-{end}/{}\r\n", data.len());
+            trickled(
+                "206 Partial Content",
+                &range,
+                &data[start as usize..=end],
+                1000,
+            )
+        }
+        None => trickled("200 OK", "", data, 1000),
+    }
+}
+
+#[test]
+fn headers_that_never_end_are_bounded_by_the_stall_timeout() {
+    let stall = ["--stall-timeout", "2", "--retries", "0"];
+    for (what, reply) in [
+        ("a header byte every 300 ms", endless_headers()),
+        ("103 Early Hints every 500 ms", endless_early_hints()),
+    ] {
+        // From the registry itself.
+        let r = reply.clone();
+        let server = Server::start(move |_, _| r.clone());
+        let src = source_of(&server);
+        let mut args = vec!["inspect", &src];
+        args.extend_from_slice(&stall);
+        let line = fails_within(&args, &[], Duration::from_secs(20));
+        assert!(
+            line.contains("stalled") && line.contains("headers"),
+            "{what}: {line}"
+        );
+        // From a token realm.
+        let r = reply.clone();
+        let realm = Server::start(move |_, _| r.clone());
+        let registry = challenging(format!("{}/token", realm.url()));
+        let src = source_of(&registry);
+        let mut args = vec!["inspect", &src];
+        args.extend_from_slice(&stall);
+        let line = fails_within(&args, &[], Duration::from_secs(20));
+        assert!(
+            line.contains("token realm") && line.contains("stalled"),
+            "{what}: {line}"
+        );
+    }
+}
+
+#[test]
+fn manifest_and_token_bodies_that_trickle_are_bounded_by_the_stall_timeout() {
+    let stall = ["--stall-timeout", "2", "--retries", "0"];
+    let image = six_parts(150);
+    let manifest = manifest_bytes(&image);
+    let server = Server::start(move |_, _| {
+        trickled(
+            "200 OK",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n",
+            &manifest,
+            10,
+        )
+    });
+    let src = source_of(&server);
+    let mut args = vec!["inspect", &src];
+    args.extend_from_slice(&stall);
+    let line = fails_within(&args, &[], Duration::from_secs(20));
+    assert!(
+        line.contains("manifest") && line.contains("stalled"),
+        "{line}"
+    );
+    let token = br#"{"token":"a-token-that-takes-its-time-to-arrive"}"#;
+    let realm = Server::start(move |_, _| trickled("200 OK", "", token, 5));
+    let registry = challenging(format!("{}/token", realm.url()));
+    let src = source_of(&registry);
+    let mut args = vec!["inspect", &src];
+    args.extend_from_slice(&stall);
+    let line = fails_within(&args, &[], Duration::from_secs(20));
+    assert!(
+        line.contains("token realm") && line.contains("stalled"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_blob_body_below_the_minimum_rate_is_resumed_and_then_fails_in_bounded_time() {
+    let image = six_parts(151);
+    let want = expected_disk(&image);
+    let last = sha256(&part(&image, 5).data);
+    let site = Arc::new(Site::new(&image));
+    for connections in ["1", "4"] {
+        // Once: the last part trickles after 1000 bytes (of its first range).
+        let once_site = Arc::clone(&site);
+        let once_last = last.clone();
+        let server = Server::start(move |req, n| {
+            once_site.serve(req, |b| {
+                if req.path().ends_with(&once_last) && n == 0 {
+                    trickled_blob(req, &b)
+                } else {
+                    Reply::blob(b)
+                }
+            })
+        });
+        let started = Instant::now();
+        let out_dir = TempDir::new().unwrap();
+        let target = out_dir.path().join("disk.img");
+        let src = source_of(&server);
+        let args = [
+            "get",
+            "-q",
+            &src,
+            "-o",
+            target.to_str().unwrap(),
+            "--stall-timeout",
+            "2",
+            "--connections",
+            connections,
+        ];
+        let mut child = cmd(&args, &[]).stderr(Stdio::piped()).spawn().unwrap();
+        let status = wait_for(&mut child, Duration::from_secs(20));
+        assert!(status.success(), "{}", stderr_of(&mut child));
+        assert!(std::fs::read(&target).unwrap() == want, "output differs");
+        println!(
+            "{connections} connection(s): resumed after {:?}",
+            started.elapsed()
+        );
+        // The trickling request was given up and its range resumed.
+        let resumed = server.requests().iter().any(|r| {
+            r.path().ends_with(&last) && r.range().is_some_and(|(s, _)| s % 65536 >= 1000)
+        });
+        assert!(resumed, "no resume of the trickling part");
+    }
+    // Always trickling: the retry budget runs out, in bounded time.
+    let always_site = Arc::clone(&site);
+    let always = Server::start(move |req, _| {
+        always_site.serve(req, |b| {
+            if req.path().ends_with(&last) {
+                trickled_blob(req, &b)
+            } else {
+                Reply::blob(b)
+            }
+        })
+    });
+    for connections in ["1", "4"] {
+        let out_dir = TempDir::new().unwrap();
+        let target = out_dir.path().join("disk.img");
+        let src = source_of(&always);
+        let args = [
+            "get",
+            "-q",
+            &src,
+            "-o",
+            target.to_str().unwrap(),
+            "--stall-timeout",
+            "2",
+            "--retries",
+            "1",
+            "--connections",
+            connections,
+        ];
+        let line = fails_within(&args, &[], Duration::from_secs(30));
+        assert!(
+            line.contains("disk.05.qcow2.part") && line.contains("too slow"),
+            "{line}"
+        );
+        assert!(names(out_dir.path()).is_empty());
+    }
+}

@@ -371,6 +371,7 @@ fn range_header_parsing() {
         target: "/".into(),
         headers: vec![("Range".into(), value.into())],
         body: Vec::new(),
+        tls: false,
     };
     assert_eq!(with("bytes=0-0").range(), Some((0, Some(0))));
     assert_eq!(with("bytes=7-").range(), Some((7, None)));

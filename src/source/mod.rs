@@ -153,6 +153,13 @@ pub trait BlobSource: Send + Sync {
     fn open_ahead(&self) -> usize {
         1
     }
+
+    /// A failed stream's error, with what the source knows of where the
+    /// failing bytes came from (a registry names the mirror that served a
+    /// blob whose digest did not match).
+    fn explain(&self, e: Error) -> Error {
+        e
+    }
 }
 
 /// Open the source a reference names.

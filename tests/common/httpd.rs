@@ -17,14 +17,22 @@
 //!
 //! One thread accepts connections and one thread serves each connection.
 //! Write errors (a client that gave up early) simply end that connection.
+//!
+//! [`Server::start_tls`] serves HTTPS and plain HTTP on the same port: the
+//! first byte of a connection decides (a TLS handshake starts with 0x16), and
+//! [`Request::tls`] tells the handler which one a request came over — two
+//! origins, `https://127.0.0.1:P` and `http://127.0.0.1:P`, on one port.
+//! [`Server::start_at`] binds another local address than 127.0.0.1.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
 /// Longest request line or header line the server accepts.
 const MAX_LINE: u64 = 64 * 1024;
@@ -42,6 +50,8 @@ pub struct Request {
     pub target: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Whether it came over TLS (only ever on a [`Server::start_tls`] port).
+    pub tls: bool,
 }
 
 impl Request {
@@ -119,6 +129,17 @@ pub enum Reply {
     },
     /// Close the connection without answering.
     Close,
+    /// Raw bytes on the wire, for what no well-formed reply does: `head` at
+    /// once, then `tail` in pieces of `piece` bytes with `every` between
+    /// them — the whole tail over and over when `repeat` — until the client
+    /// goes away (or two minutes have passed); then the connection closes.
+    Raw {
+        head: Vec<u8>,
+        tail: Vec<u8>,
+        piece: usize,
+        every: Duration,
+        repeat: bool,
+    },
 }
 
 impl Reply {
@@ -202,7 +223,7 @@ impl Reply {
             Reply::Full { headers, .. } | Reply::Blob { headers, .. } => {
                 headers.push((name.to_owned(), value.to_owned()))
             }
-            Reply::Close => panic!("Reply::header on Reply::Close"),
+            Reply::Close | Reply::Raw { .. } => panic!("Reply::header on a Close or Raw reply"),
         }
         self
     }
@@ -245,6 +266,10 @@ struct Shared {
     log: Mutex<Log>,
     /// Open connections by id, so `Drop` can shut them down.
     connections: Mutex<HashMap<u64, TcpStream>>,
+    /// Set for a server that also speaks TLS.
+    tls: Option<Arc<ServerConfig>>,
+    /// Response body bytes written so far (Blob and Full replies).
+    body_bytes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -276,13 +301,40 @@ impl Server {
     where
         F: Fn(&Request, usize) -> Reply + Send + Sync + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind test server");
+        Server::launch(IpAddr::V4(Ipv4Addr::LOCALHOST), None, handler)
+    }
+
+    /// Like [`start`](Server::start), on a free port of another local
+    /// address (e.g. one that is not loopback).
+    pub fn start_at<F>(ip: IpAddr, handler: F) -> Server
+    where
+        F: Fn(&Request, usize) -> Reply + Send + Sync + 'static,
+    {
+        Server::launch(ip, None, handler)
+    }
+
+    /// Like [`start`](Server::start), answering HTTPS (with `config`'s
+    /// certificate) and plain HTTP on the same port.
+    pub fn start_tls<F>(config: Arc<ServerConfig>, handler: F) -> Server
+    where
+        F: Fn(&Request, usize) -> Reply + Send + Sync + 'static,
+    {
+        Server::launch(IpAddr::V4(Ipv4Addr::LOCALHOST), Some(config), handler)
+    }
+
+    fn launch<F>(ip: IpAddr, tls: Option<Arc<ServerConfig>>, handler: F) -> Server
+    where
+        F: Fn(&Request, usize) -> Reply + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind((ip, 0)).expect("bind test server");
         let addr = listener.local_addr().expect("test server address");
         let shared = Arc::new(Shared {
             handler: Box::new(handler),
             stopping: AtomicBool::new(false),
             log: Mutex::new(Log::default()),
             connections: Mutex::new(HashMap::new()),
+            tls,
+            body_bytes: AtomicU64::new(0),
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -303,6 +355,11 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
+    /// "https://127.0.0.1:PORT" (a [`start_tls`](Server::start_tls) server)
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
     /// "127.0.0.1:PORT"
     pub fn host(&self) -> String {
         self.addr.to_string()
@@ -311,6 +368,12 @@ impl Server {
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<Request> {
         lock(&self.shared.log).requests.clone()
+    }
+
+    /// Response body bytes written to clients so far (for Blob and Full
+    /// replies; a client that hung up may not have read all of them).
+    pub fn body_bytes(&self) -> u64 {
+        self.shared.body_bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -365,15 +428,82 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// One accepted connection: plain, or TLS over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Conn {
+    /// Plain, or TLS when the server speaks it and the client's first byte
+    /// starts a TLS handshake.
+    fn accept(stream: TcpStream, tls: Option<&Arc<ServerConfig>>) -> io::Result<Conn> {
+        let Some(config) = tls else {
+            return Ok(Conn::Plain(stream));
+        };
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first)? == 1 && first[0] == 0x16 {
+            let session = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
+            return Ok(Conn::Tls(Box::new(StreamOwned::new(session, stream))));
+        }
+        Ok(Conn::Plain(stream))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => &t.sock,
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+        }
+    }
+}
+
 /// Serve requests on one connection until either side ends it.
 fn serve_connection(stream: TcpStream, shared: &Shared) {
     // Headers and body go out as separate writes; don't let Nagle's
     // algorithm hold the second one back waiting for an ACK.
     let _ = stream.set_nodelay(true);
-    let mut reader = BufReader::new(stream);
+    // A modest send queue (instead of the several MiB loopback grows to), so
+    // that `body_bytes` stays close to what clients actually received: a
+    // client that hangs up on a body costs at most this much more.
+    let _ = set_send_buffer(&stream, SEND_BUFFER);
+    let Ok(conn) = Conn::accept(stream, shared.tls.as_ref()) else {
+        return;
+    };
+    let tls = conn.is_tls();
+    let mut reader = BufReader::new(conn);
     // The loop ends at a clean EOF between requests, and also on a malformed
     // request or an I/O error: in every case this connection is finished.
-    while let Ok(Some(request)) = read_request(&mut reader) {
+    while let Ok(Some(mut request)) = read_request(&mut reader) {
+        request.tls = tls;
         let n = {
             let mut log = lock(&shared.log);
             let key = (request.method.clone(), request.path().to_owned());
@@ -385,7 +515,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
         };
         let reply = (shared.handler)(&request, n);
 
-        let keep_open = match send_reply(reader.get_ref(), &request, &reply) {
+        let keep_open = match send_reply(reader.get_mut(), &request, &reply, shared) {
             Ok(keep_open) => keep_open,
             // A reply that resets the connection: no orderly shutdown, the
             // last close (SO_LINGER 0) sends the RST.
@@ -397,7 +527,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             break;
         }
     }
-    let _ = reader.get_ref().shutdown(Shutdown::Both);
+    let _ = reader.get_ref().tcp().shutdown(Shutdown::Both);
 }
 
 /// Whether a `Connection` header asks to close after this exchange.
@@ -421,7 +551,7 @@ fn invalid(msg: &str) -> io::Error {
 
 /// Read one CRLF- (or LF-) terminated line without its terminator.
 /// `Ok(None)` at EOF before any byte.
-fn read_line(reader: &mut BufReader<TcpStream>) -> io::Result<Option<String>> {
+fn read_line(reader: &mut impl BufRead) -> io::Result<Option<String>> {
     let mut line = Vec::new();
     reader
         .by_ref()
@@ -441,7 +571,7 @@ fn read_line(reader: &mut BufReader<TcpStream>) -> io::Result<Option<String>> {
 
 /// Read one request. `Ok(None)` if the client closed the connection cleanly
 /// before starting another request.
-fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>> {
+fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
     // Tolerate stray blank lines between requests (RFC 9112 section 2.2).
     let request_line = loop {
         match read_line(reader)? {
@@ -491,12 +621,13 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>
         target,
         headers,
         body,
+        tls: false,
     }))
 }
 
 /// Decode a chunked request body (for completeness: keeps the connection in
 /// step should a client ever stream an upload).
-fn read_chunked_body(reader: &mut BufReader<TcpStream>) -> io::Result<Vec<u8>> {
+fn read_chunked_body(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line = read_line(reader)?.ok_or_else(|| invalid("EOF in chunked body"))?;
@@ -537,14 +668,51 @@ struct Faults {
 }
 
 /// Write the reply. Returns whether the connection may serve another request.
-fn send_reply(stream: &TcpStream, request: &Request, reply: &Reply) -> io::Result<bool> {
+fn send_reply(
+    stream: &mut Conn,
+    request: &Request,
+    reply: &Reply,
+    shared: &Shared,
+) -> io::Result<bool> {
     match reply {
         Reply::Close => Ok(false),
+        Reply::Raw {
+            head,
+            tail,
+            piece,
+            every,
+            repeat,
+        } => {
+            stream.write_all(head)?;
+            stream.flush()?;
+            let end = Instant::now() + Duration::from_secs(120);
+            loop {
+                for p in tail.chunks((*piece).max(1)) {
+                    if Instant::now() > end {
+                        return Ok(false);
+                    }
+                    stream.write_all(p)?;
+                    stream.flush()?;
+                    thread::sleep(*every);
+                }
+                if !*repeat {
+                    return Ok(false);
+                }
+            }
+        }
         Reply::Full {
             status,
             headers,
             body,
-        } => send_response(stream, request, *status, headers, body, &Faults::default()),
+        } => send_response(
+            stream,
+            request,
+            *status,
+            headers,
+            body,
+            &Faults::default(),
+            shared,
+        ),
         Reply::Blob {
             data,
             honour_range,
@@ -580,7 +748,7 @@ fn send_reply(stream: &TcpStream, request: &Request, reply: &Reply) -> io::Resul
                 stall_after: *stall_after,
                 reset: *reset,
             };
-            send_response(stream, request, status, &headers, body, &faults)
+            send_response(stream, request, status, &headers, body, &faults, shared)
         }
     }
 }
@@ -588,12 +756,13 @@ fn send_reply(stream: &TcpStream, request: &Request, reply: &Reply) -> io::Resul
 /// Write status line, headers and (unless HEAD) body, applying `faults`.
 /// Returns whether the connection may serve another request.
 fn send_response(
-    mut stream: &TcpStream,
+    stream: &mut Conn,
     request: &Request,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
     faults: &Faults,
+    shared: &Shared,
 ) -> io::Result<bool> {
     let actual = body.len() as u64;
     // The length the client is told. A Content-Length among the test's own
@@ -637,7 +806,14 @@ fn send_response(
     let cut = faults.cut_after.unwrap_or(u64::MAX);
     let stall = faults.stall_after.map_or(u64::MAX, |(n, _)| n);
     let stop = cut.min(stall).min(to_send);
-    stream.write_all(&body[..stop as usize])?;
+    // In pieces, counted as they go, so that the count stops soon after a
+    // client hangs up.
+    for piece in body[..stop as usize].chunks(64 << 10) {
+        stream.write_all(piece)?;
+        shared
+            .body_bytes
+            .fetch_add(piece.len() as u64, Ordering::SeqCst);
+    }
     stream.flush()?;
     match faults.stall_after {
         Some((_, pause)) if stall <= cut => {
@@ -645,11 +821,36 @@ fn send_response(
             Ok(false)
         }
         _ if faults.cut_after.is_some() && faults.reset => {
-            set_linger_zero(stream)?;
+            set_linger_zero(stream.tcp())?;
             Err(io::Error::from(io::ErrorKind::ConnectionReset))
         }
         _ if faults.cut_after.is_some() => Ok(false),
         _ => Ok(keep_open),
+    }
+}
+
+/// The send buffer of a connection (the kernel doubles it).
+const SEND_BUFFER: usize = 256 << 10;
+
+fn set_send_buffer(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let size = bytes as libc::c_int;
+    // SAFETY: a plain setsockopt on a socket we own, with a pointer to an
+    // int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

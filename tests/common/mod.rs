@@ -14,6 +14,7 @@ use cloudimg::digest::{Algorithm, Digest};
 use serde_json::{Value, json};
 
 pub mod registry;
+pub mod tls;
 
 pub const QCOW2_PART: &str = "application/vnd.cocoonstack.disk.qcow2.part";
 pub const RAW: &str = "application/vnd.cocoonstack.disk.raw";

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
+use super::client::Origin;
 use crate::error::{Error, Result};
 
 /// A string that must never be printed.
@@ -149,12 +150,16 @@ impl TokenResponse {
     }
 }
 
-/// Where credentials for a registry host come from.
+/// The registry's credentials, and the one origin they belong to.
 #[derive(Clone, Debug, Default)]
 pub struct CredentialStore {
-    /// `--username` + `--password-stdin`, for the reference's own registry.
-    pub explicit: Option<(String, Credentials)>,
-    /// The docker config directory (`$DOCKER_CONFIG`, else `~/.docker`).
+    /// The registry's origin (scheme, host, port): no other origin is ever
+    /// given these credentials.
+    pub origin: Option<Origin>,
+    /// `--username` + `--password-stdin`.
+    pub explicit: Option<Credentials>,
+    /// The docker config directory (`$DOCKER_CONFIG`, else `~/.docker`),
+    /// consulted under the registry's `host[:port]`.
     pub docker_config_dir: Option<PathBuf>,
 }
 
@@ -192,24 +197,34 @@ fn normalize_host(key: &str) -> &str {
 }
 
 impl CredentialStore {
-    /// The usual places: `$DOCKER_CONFIG`, else `$HOME/.docker`.
-    pub fn from_env() -> CredentialStore {
+    /// The registry at `origin`'s credentials: `explicit` if given, else
+    /// the usual docker config (`$DOCKER_CONFIG`, else `$HOME/.docker`).
+    pub fn for_registry(origin: Origin, explicit: Option<Credentials>) -> CredentialStore {
         let dir = std::env::var_os("DOCKER_CONFIG")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
         CredentialStore {
-            explicit: None,
+            origin: Some(origin),
+            explicit,
             docker_config_dir: dir,
         }
     }
 
-    /// Credentials for `host` (`name[:port]`), if the user has any.
-    pub fn lookup(&self, host: &str) -> Result<Option<Credentials>> {
-        if let Some((h, c)) = &self.explicit
-            && h == host
-        {
+    /// Credentials for a request to `origin`, if the user has any: only
+    /// when `origin` is the registry's own (same scheme, host and port).
+    pub fn lookup(&self, origin: &Origin) -> Result<Option<Credentials>> {
+        if self.origin.as_ref() != Some(origin) {
+            return Ok(None);
+        }
+        if let Some(c) = &self.explicit {
             return Ok(Some(c.clone()));
         }
+        self.in_docker_config(&origin.authority())
+    }
+
+    /// `auths.HOST` (or a credential helper) of the docker config, for
+    /// `host` (`name[:port]`).
+    fn in_docker_config(&self, host: &str) -> Result<Option<Credentials>> {
         let Some(dir) = &self.docker_config_dir else {
             return Ok(None);
         };
@@ -374,13 +389,39 @@ mod tests {
             ),
         )
         .unwrap();
+        let registry = Origin::of("https://reg.example:5000/").unwrap();
         let store = CredentialStore {
+            origin: Some(registry.clone()),
             explicit: None,
             docker_config_dir: Some(dir.path().to_owned()),
         };
-        let c = store.lookup("reg.example:5000").unwrap().unwrap();
+        let c = store.lookup(&registry).unwrap().unwrap();
         assert_eq!(c.username, "alice");
         assert_eq!(c.password.expose(), "s3cret:with:colons");
-        assert_eq!(store.lookup("other.example").unwrap(), None);
+        // Not for the same host and port over plain http, nor elsewhere.
+        for other in [
+            "http://reg.example:5000/",
+            "https://reg.example/",
+            "https://other.example:5000/",
+        ] {
+            let o = Origin::of(other).unwrap();
+            assert_eq!(store.lookup(&o).unwrap(), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn explicit_credentials_are_the_registry_origins_only() {
+        let registry = Origin::of("https://127.0.0.1/").unwrap();
+        let store = CredentialStore {
+            origin: Some(registry.clone()),
+            explicit: Some(Credentials {
+                username: "alice".into(),
+                password: Secret::new("hunter2"),
+            }),
+            docker_config_dir: None,
+        };
+        assert!(store.lookup(&registry).unwrap().is_some());
+        let twin = Origin::of("http://127.0.0.1/").unwrap();
+        assert_eq!(store.lookup(&twin).unwrap(), None);
     }
 }

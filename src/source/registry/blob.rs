@@ -7,30 +7,117 @@
 //! - [`Parallel`]: a blob fetched as N concurrent range requests of one chunk
 //!   each into bounded, in-order buffers (at most `N + 2` chunks in memory),
 //!   for object stores and CDNs that cap each connection's rate. Each chunk
-//!   resumes on its own. The caller still reads (and hashes) in order.
+//!   resumes on its own. The caller still reads (and hashes) in order. A
+//!   server that answers a range request past byte 0 with the whole blob (a
+//!   `200`) would have every chunk read forward from byte 0 — quadratic — so
+//!   the first such answer turns the rest of the blob into one stream.
+//!
+//! Mirrors come first in a [`BlobFetch`]'s sources and the registry last. A
+//! mirror's wrong answer — an error status, a refused or dropped connection,
+//! a size that is not the blob's, an HTML page — is that mirror's failure: it
+//! is reported on stderr in one line naming the mirror, the mirror is not
+//! asked again for this blob, and the next source is asked. All of that is
+//! known before the first byte of the answer is read. Wrong bytes of the
+//! right size only show in the digest, after they were written: that fails
+//! the run, and [`MirrorUse`] lets the error name the mirror.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io::{self, IsTerminal, Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use ureq::http::StatusCode;
 
-use super::client::{Client, Response, backoff, pause, redact};
+use super::client::{BodyKind, Client, Response, backoff, pause, redact};
 use crate::error::{Error, Result};
 use crate::signals;
 
 /// Bytes a connection must deliver before its failure stops counting.
 const REFILL_AFTER: u64 = 1 << 20;
 
+/// One place a blob can be asked for.
+pub struct BlobUrl {
+    pub url: String,
+    /// The mirror's base URL, for a mirror; `None` for the registry.
+    pub mirror: Option<String>,
+}
+
+/// Which blobs came (wholly or in part) from which mirror, for the run: so
+/// that a digest mismatch found after the bytes were written can name the
+/// mirror they came from.
+#[derive(Default)]
+pub struct MirrorUse {
+    /// (digest, mirror base URL)
+    served: Mutex<Vec<(String, String)>>,
+}
+
+impl MirrorUse {
+    fn record(&self, digest: &str, mirror: &str) {
+        let mirror = mirror.trim_end_matches('/');
+        let mut served = self.served.lock().expect("mirror use");
+        if !served.iter().any(|(d, m)| d == digest && m == mirror) {
+            served.push((digest.to_owned(), mirror.to_owned()));
+        }
+    }
+
+    /// An integrity error about a blob that mirrors served, with the
+    /// mirrors named; any other error as it is.
+    pub fn explain(&self, e: Error) -> Error {
+        let Error::Integrity(message) = e else {
+            return e;
+        };
+        let served = self.served.lock().expect("mirror use");
+        let mirrors: Vec<String> = served
+            .iter()
+            .filter(|(d, _)| message.contains(d.as_str()))
+            .map(|(_, m)| format!("mirror {}", redact(m)))
+            .collect();
+        if mirrors.is_empty() {
+            return Error::Integrity(message);
+        }
+        Error::Integrity(format!(
+            "{message} (bytes of it came from {})",
+            mirrors.join(" and ")
+        ))
+    }
+}
+
+/// A note on stderr that does not end the run, e.g. a mirror skipped. One
+/// write, so that notes from parallel workers do not interleave; on a
+/// terminal the progress line is cleared first.
+pub fn note(line: &str) {
+    let clear = if std::io::stderr().is_terminal() {
+        "\r\x1b[K"
+    } else {
+        ""
+    };
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{clear}cloudimg: {line}\n").as_bytes());
+}
+
 /// Where a blob can be fetched, and what it must be.
 pub struct BlobFetch {
     pub client: Arc<Client>,
-    /// Candidate URLs, mirrors first, the registry last.
-    pub urls: Vec<String>,
+    /// Where to ask, in order: mirrors first, the registry last.
+    pub sources: Vec<BlobUrl>,
     pub scope: String,
     pub size: u64,
+    /// The blob's digest, as the manifest gives it.
+    pub digest: String,
     /// How errors name the blob.
     pub label: String,
+    /// The run's record of blobs served by mirrors.
+    pub mirror_use: Arc<MirrorUse>,
+    /// Sources (by index) that gave a wrong answer for this blob.
+    pub failed: Mutex<Vec<usize>>,
+}
+
+/// A URL that answered before (after redirects), and which source it is.
+#[derive(Clone)]
+struct Answered {
+    url: String,
+    source: usize,
 }
 
 /// An open response for `[pos, end)` of a blob, or the whole of it.
@@ -38,8 +125,8 @@ struct Opened {
     body: ureq::BodyReader<'static>,
     /// Bytes to throw away first (the server ignored our Range).
     skip: u64,
-    /// The URL that answered, for follow-up range requests.
-    url: String,
+    /// Where it came from, for follow-up range requests.
+    from: Answered,
     /// A 206: the server honoured the Range.
     partial: bool,
 }
@@ -47,41 +134,99 @@ struct Opened {
 impl BlobFetch {
     /// Open the blob at `pos`; `end` bounds a chunk request (`None`: to the
     /// end). `prefer` is a URL that answered before (after redirects).
-    fn open(&self, pos: u64, end: Option<u64>, prefer: Option<&str>) -> Result<Opened> {
+    fn open(&self, pos: u64, end: Option<u64>, prefer: Option<&Answered>) -> Result<Opened> {
         let range = match (pos, end) {
             (0, None) => None,
             (p, None) => Some(format!("bytes={p}-")),
             (p, Some(e)) => Some(format!("bytes={p}-{}", e - 1)),
         };
         let headers: Vec<(&str, String)> = range.iter().map(|r| ("Range", r.clone())).collect();
+        let candidates: Vec<Answered> = {
+            let failed = self.failed.lock().expect("failed sources");
+            prefer
+                .cloned()
+                .into_iter()
+                .chain(self.sources.iter().enumerate().map(|(i, s)| Answered {
+                    url: s.url.clone(),
+                    source: i,
+                }))
+                .filter(|c| !failed.contains(&c.source))
+                .collect()
+        };
         let mut last_err = None;
-        let candidates = prefer
-            .into_iter()
-            .map(str::to_owned)
-            .chain(self.urls.iter().cloned());
-        let n = self.urls.len() + usize::from(prefer.is_some());
-        for (i, url) in candidates.enumerate() {
+        let n = candidates.len();
+        for (i, candidate) in candidates.into_iter().enumerate() {
             // Mirrors and remembered URLs get one try each; the registry,
-            // last, gets the whole retry budget.
+            // last (and never struck off), gets the whole retry budget.
             let tries = if i + 1 == n { self.client.retries() } else { 0 };
-            match self.client.get_tries(&url, &headers, &self.scope, tries) {
-                Ok(resp) => return self.accept(resp, pos),
+            let mirror = self.sources[candidate.source].mirror.as_deref();
+            let answer = self
+                .client
+                .get_tries(&candidate.url, &headers, &self.scope, tries, BodyKind::Blob)
+                .map_err(|e| self.labelled(e))
+                .and_then(|resp| self.accept(resp, pos, mirror.is_some()));
+            match answer {
+                Ok(mut opened) => {
+                    if let Some(m) = mirror {
+                        self.mirror_use.record(&self.digest, m);
+                    }
+                    opened.from.source = candidate.source;
+                    return Ok(opened);
+                }
                 Err(e @ Error::Interrupted(_)) => return Err(e),
-                Err(e) => last_err = Some(e),
+                Err(e) => {
+                    if let Some(m) = mirror {
+                        self.strike(candidate.source, m, &e);
+                    }
+                    last_err = Some(e);
+                }
             }
         }
-        Err(
-            match last_err.expect("at least the registry URL is a candidate") {
-                Error::NotFound(m) => Error::NotFound(format!("{}: {m}", self.label)),
-                Error::Other(m) => Error::Other(format!("{}: {m}", self.label)),
-                e => e,
-            },
-        )
+        Err(last_err.expect("at least the registry URL is a candidate"))
     }
 
-    /// Check a response against what was asked for.
-    fn accept(&self, resp: Response, pos: u64) -> Result<Opened> {
+    fn is_mirror(&self, source: usize) -> bool {
+        self.sources.get(source).is_some_and(|s| s.mirror.is_some())
+    }
+
+    /// Name the blob in an error of the HTTP client.
+    fn labelled(&self, e: Error) -> Error {
+        match e {
+            Error::NotFound(m) => Error::NotFound(format!("{}: {m}", self.label)),
+            Error::Other(m) => Error::Other(format!("{}: {m}", self.label)),
+            e => e,
+        }
+    }
+
+    /// A mirror answered wrongly: not asked again for this blob, and said
+    /// so once (not having the blob, a 404, is no fault and is not said).
+    fn strike(&self, source: usize, mirror: &str, e: &Error) {
+        let mut failed = self.failed.lock().expect("failed sources");
+        if failed.contains(&source) {
+            return;
+        }
+        failed.push(source);
+        drop(failed);
+        if !matches!(e, Error::NotFound(_)) {
+            note(&format!(
+                "mirror {}: {e}; trying the next source",
+                redact(mirror.trim_end_matches('/'))
+            ));
+        }
+    }
+
+    /// Check a response against what was asked for. A mirror's HTML page
+    /// (a captive portal, an error page) is refused whatever its length.
+    fn accept(&self, resp: Response, pos: u64, mirror: bool) -> Result<Opened> {
         let label = &self.label;
+        if mirror
+            && let Some(kind) = resp.header("content-type")
+            && kind.trim().to_ascii_lowercase().starts_with("text/html")
+        {
+            return Err(Error::Other(format!(
+                "{label}: answered with an HTML page (Content-Type: {kind}), not the blob"
+            )));
+        }
         let length: Option<u64> = resp.header("content-length").and_then(|v| v.parse().ok());
         let skip = if resp.status == StatusCode::PARTIAL_CONTENT {
             let (start, total) = resp
@@ -115,7 +260,10 @@ impl BlobFetch {
         };
         Ok(Opened {
             partial: resp.status == StatusCode::PARTIAL_CONTENT,
-            url: resp.url.clone(),
+            from: Answered {
+                url: resp.url.clone(),
+                source: usize::MAX,
+            },
             body: resp.body.into_reader(),
             skip,
         })
@@ -157,7 +305,60 @@ pub struct Resumable {
     failures: u32,
     /// Bytes delivered since the last failure.
     progress: u64,
-    url: Option<String>,
+    /// What answered last.
+    url: Option<Answered>,
+    /// A chunk request past byte 0 was answered with the whole blob: the
+    /// chunk is abandoned (reading forward to it would cost more than it
+    /// brings) and the error says so; the answer is kept in `whole`, for
+    /// the rest of the blob to be read from as one stream.
+    range_ignored: bool,
+    whole: Option<Opened>,
+    /// The current connection's rate.
+    pace: Pace,
+}
+
+/// The slowest a blob body may arrive: fewer bytes than this per second,
+/// averaged over a window of the stall timeout, and the connection counts
+/// as stalled (it is dropped and resumed). Only time spent waiting in reads
+/// counts, so a slow consumer (a full pipe) is never blamed on the server.
+pub const MIN_RATE: u64 = 1024;
+
+/// A connection's rate over windows of the stall timeout.
+struct Pace {
+    window: Duration,
+    waited: Duration,
+    got: u64,
+}
+
+impl Pace {
+    fn new(window: Duration) -> Pace {
+        Pace {
+            window,
+            waited: Duration::ZERO,
+            got: 0,
+        }
+    }
+
+    /// Count one read that waited `took` and brought `n` bytes; a window
+    /// that ends below the minimum rate is an error, saying so.
+    fn account(&mut self, took: Duration, n: u64) -> std::result::Result<(), String> {
+        self.waited += took;
+        self.got += n;
+        if self.waited < self.window {
+            return Ok(());
+        }
+        let floor = (MIN_RATE as f64 * self.waited.as_secs_f64()) as u64;
+        let (got, waited) = (self.got, self.waited);
+        self.waited = Duration::ZERO;
+        self.got = 0;
+        if got < floor {
+            return Err(format!(
+                "too slow: {got} bytes in {:.1} s, below {MIN_RATE} bytes/s",
+                waited.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Resumable {
@@ -168,16 +369,19 @@ impl Resumable {
         pos: u64,
         end: Option<u64>,
         current: Option<Opened>,
-        url: Option<String>,
+        url: Option<Answered>,
     ) -> Resumable {
         Resumable {
-            url: current.as_ref().map(|o| o.url.clone()).or(url),
+            url: current.as_ref().map(|o| o.from.clone()).or(url),
+            pace: Pace::new(fetch.client.stall_timeout()),
             fetch,
             pos,
             end,
             current,
             failures: 0,
             progress: 0,
+            range_ignored: false,
+            whole: None,
         }
     }
 
@@ -199,29 +403,63 @@ impl Resumable {
         loop {
             signals::check()?;
             if self.current.is_none() {
-                match self.fetch.open(self.pos, self.end, self.url.as_deref()) {
+                match self.fetch.open(self.pos, self.end, self.url.as_ref()) {
+                    Ok(o) if self.end.is_some() && !o.partial && self.pos > 0 => {
+                        self.range_ignored = true;
+                        self.whole = Some(o);
+                        return Err(Error::Other(format!(
+                            "{}: the server answered a range request from byte {} with \
+                             the whole blob",
+                            self.fetch.label, self.pos
+                        )));
+                    }
                     Ok(o) => {
-                        self.url = Some(o.url.clone());
+                        self.url = Some(o.from.clone());
                         self.current = Some(o);
+                        self.pace = Pace::new(self.fetch.client.stall_timeout());
                     }
                     Err(e) => return Err(e),
                 }
             }
             let opened = self.current.as_mut().expect("opened above");
-            let outcome = if opened.skip > 0 {
-                // The server ignored Range: read forward to where we were.
-                let n = opened.skip.min(buf.len() as u64) as usize;
-                match opened.body.read(&mut buf[..n]) {
-                    Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                    Ok(k) => {
-                        opened.skip -= k as u64;
-                        continue;
-                    }
-                    Err(e) => Err(e),
-                }
+            // The server ignored Range: read forward to where we were first.
+            let skipping = opened.skip > 0;
+            let n = if skipping {
+                opened.skip.min(buf.len() as u64) as usize
             } else {
-                opened.body.read(&mut buf[..want])
+                want
             };
+            let started = Instant::now();
+            let outcome = opened.body.read(&mut buf[..n]);
+            let slow = match &outcome {
+                Ok(k) => self.pace.account(started.elapsed(), *k as u64).err(),
+                Err(_) => None,
+            };
+            let outcome = match (outcome, skipping) {
+                (Ok(0), true) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                (Ok(k), true) => {
+                    if let Some(current) = self.current.as_mut() {
+                        current.skip -= k as u64;
+                    }
+                    if let Some(slow) = slow {
+                        self.broken(io::Error::new(io::ErrorKind::TimedOut, slow))?;
+                    }
+                    continue;
+                }
+                (outcome, _) => outcome,
+            };
+            if let (Ok(k), Some(slow)) = (&outcome, slow) {
+                // Hand out what came; the connection is dropped and resumed
+                // from after it.
+                let k = *k;
+                self.pos += k as u64;
+                self.progress += k as u64;
+                self.broken(io::Error::new(io::ErrorKind::TimedOut, slow))?;
+                if k > 0 {
+                    return Ok(k);
+                }
+                continue;
+            }
             match outcome {
                 Ok(0) if self.end.is_none() && self.pos >= self.fetch.size => return Ok(0),
                 Ok(0) => self.broken(io::Error::from(io::ErrorKind::UnexpectedEof))?,
@@ -242,6 +480,21 @@ impl Resumable {
     /// breaking after a trickle does not.
     fn broken(&mut self, e: io::Error) -> Result<()> {
         self.current = None;
+        // A mirror that drops or stalls the connection is struck off for
+        // this blob; the next source continues from the byte reached, at
+        // no cost to the retry budget.
+        if let Some(from) = self.url.take_if(|a| self.fetch.is_mirror(a.source)) {
+            let mirror = self.fetch.sources[from.source]
+                .mirror
+                .as_deref()
+                .unwrap_or("");
+            let e = Error::Other(format!(
+                "{}: connection lost at byte {} ({e})",
+                self.fetch.label, self.pos
+            ));
+            self.fetch.strike(from.source, mirror, &e);
+            return Ok(());
+        }
         if self.progress >= REFILL_AFTER {
             self.failures = 0;
         }
@@ -280,7 +533,9 @@ pub struct Parallel {
     next: u64,
     started: bool,
     fetch: Arc<BlobFetch>,
-    url: Option<String>,
+    url: Option<Answered>,
+    /// After the server ignored a range: the rest of the blob, as one stream.
+    single: Option<Resumable>,
 }
 
 struct Shared {
@@ -297,6 +552,10 @@ struct State {
     reading: u64,
     spare: Vec<Vec<u8>>,
     cancel: bool,
+    /// A range request past byte 0 got the whole blob: no more chunks.
+    degraded: bool,
+    /// That answer (a body from byte 0), for the reader to go on with.
+    whole: Option<Opened>,
 }
 
 impl Parallel {
@@ -312,7 +571,7 @@ impl Parallel {
         let opened = fetch.open(0, Some(first_end), None)?;
         if opened.partial {
             let chunks = fetch.size.div_ceil(chunk);
-            let url = Some(opened.url.clone());
+            let url = Some(opened.from.clone());
             // The first chunk is read from this response.
             let first = Resumable::new(Arc::clone(&fetch), 0, Some(first_end), Some(opened), None);
             let shared = Arc::new(Shared {
@@ -332,6 +591,7 @@ impl Parallel {
                 started: false,
                 fetch,
                 url,
+                single: None,
             };
             p.spawn_first(first);
             return Ok(Ok(p));
@@ -346,9 +606,7 @@ impl Parallel {
         std::thread::spawn(move || {
             signals::block_in_this_thread();
             let result = fill(&mut first, vec![0; len]);
-            let mut st = shared.state.lock().expect("parallel state");
-            st.done.insert(0, result);
-            shared.changed.notify_all();
+            deliver(&shared, 0, &mut first, result);
         });
     }
 
@@ -368,6 +626,23 @@ impl Parallel {
             });
         }
     }
+}
+
+/// Hand chunk `k` to the reader — or, when the server ignored its range,
+/// tell the reader to go on with one stream. Whether more chunks may follow.
+fn deliver(shared: &Shared, k: u64, r: &mut Resumable, result: Result<Vec<u8>>) -> bool {
+    let mut st = shared.state.lock().expect("parallel state");
+    let more = result.is_ok();
+    if r.range_ignored {
+        st.degraded = true;
+        if st.whole.is_none() {
+            st.whole = r.whole.take();
+        }
+    } else {
+        st.done.insert(k, result);
+    }
+    shared.changed.notify_all();
+    more
 }
 
 /// Read exactly the chunk's bytes into `buf`.
@@ -390,7 +665,7 @@ fn fill(r: &mut Resumable, mut buf: Vec<u8>) -> Result<Vec<u8>> {
 fn worker(
     shared: &Shared,
     fetch: &Arc<BlobFetch>,
-    url: Option<String>,
+    url: Option<Answered>,
     chunk: u64,
     chunks: u64,
     window: u64,
@@ -399,7 +674,7 @@ fn worker(
         let (k, buf) = {
             let mut st = shared.state.lock().expect("parallel state");
             loop {
-                if st.cancel || st.claim >= chunks {
+                if st.cancel || st.degraded || st.claim >= chunks {
                     return;
                 }
                 if st.claim < st.reading + window {
@@ -417,11 +692,7 @@ fn worker(
         buf.resize((end - start) as usize, 0);
         let mut r = Resumable::new(Arc::clone(fetch), start, Some(end), None, url.clone());
         let result = fill(&mut r, buf);
-        let failed = result.is_err();
-        let mut st = shared.state.lock().expect("parallel state");
-        st.done.insert(k, result);
-        shared.changed.notify_all();
-        if failed {
+        if !deliver(shared, k, &mut r, result) {
             return;
         }
     }
@@ -430,6 +701,9 @@ fn worker(
 impl Read for Parallel {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
+            if let Some(single) = &mut self.single {
+                return single.read(out);
+            }
             if let Some((buf, at)) = &mut self.current {
                 if *at < buf.len() {
                     let n = (buf.len() - *at).min(out.len());
@@ -456,13 +730,32 @@ impl Read for Parallel {
                 if let Some(r) = st.done.remove(&self.next) {
                     break r;
                 }
+                if st.degraded {
+                    // The server ignores ranges past byte 0: the rest of the
+                    // blob as one stream — the whole-blob answer that showed
+                    // it, read forward once to here, not once per chunk; the
+                    // chunks in flight are abandoned.
+                    st.cancel = true;
+                    let pos = self.next * self.chunk;
+                    let whole = st.whole.take().map(|o| Opened { skip: pos, ..o });
+                    self.shared.changed.notify_all();
+                    drop(st);
+                    self.single = Some(Resumable::new(
+                        Arc::clone(&self.fetch),
+                        pos,
+                        None,
+                        whole,
+                        self.url.clone(),
+                    ));
+                    return self.read(out);
+                }
                 if signals::pending().is_some() {
                     return Err(io::Error::from(io::ErrorKind::Interrupted));
                 }
                 st = self
                     .shared
                     .changed
-                    .wait_timeout(st, std::time::Duration::from_millis(100))
+                    .wait_timeout(st, Duration::from_millis(100))
                     .expect("parallel state")
                     .0;
             };
@@ -489,6 +782,43 @@ impl Drop for Parallel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pace_fails_a_window_below_the_minimum_rate() {
+        let s = Duration::from_secs(1);
+        let mut fast = Pace::new(2 * s);
+        for _ in 0..10 {
+            assert!(fast.account(s, 4096).is_ok());
+        }
+        // A byte per read, for two seconds of waiting.
+        let mut trickle = Pace::new(2 * s);
+        assert!(trickle.account(s, 1).is_ok());
+        let e = trickle.account(s, 1).unwrap_err();
+        assert_eq!(e, "too slow: 2 bytes in 2.0 s, below 1024 bytes/s");
+        // Time not spent waiting (a slow consumer) does not count.
+        let mut idle = Pace::new(2 * s);
+        for _ in 0..1000 {
+            assert!(idle.account(Duration::ZERO, 1).is_ok());
+        }
+    }
+
+    #[test]
+    fn integrity_errors_name_the_mirrors_that_served_the_blob() {
+        let used = MirrorUse::default();
+        used.record("sha256:aa", "http://m1:5000/");
+        used.record("sha256:aa", "http://u:p@m2");
+        used.record("sha256:bb", "http://m3");
+        let e = used.explain(Error::Integrity("x (sha256:aa): digest mismatch".into()));
+        assert_eq!(
+            e.to_string(),
+            "x (sha256:aa): digest mismatch (bytes of it came from mirror http://m1:5000 \
+             and mirror http://***@m2)"
+        );
+        let e = used.explain(Error::Integrity("x (sha256:cc): digest mismatch".into()));
+        assert_eq!(e.to_string(), "x (sha256:cc): digest mismatch");
+        let e = used.explain(Error::Other("x (sha256:aa): gone".into()));
+        assert_eq!(e.to_string(), "x (sha256:aa): gone");
+    }
 
     #[test]
     fn content_ranges() {

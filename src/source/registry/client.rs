@@ -26,12 +26,15 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(60);
 
-/// Scheme, host and port: what a credential is bound to.
+/// Scheme, host and port: what a credential is bound to. Two origins are
+/// the same only when all three are (`https://h` and `http://h` are not,
+/// nor are `http://h` and `http://h:8080`); the host is compared without
+/// case, and a URL's user name and password are no part of it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub scheme: String,
-    /// `host[:port]` as written in the URL.
-    pub authority: String,
+    /// Lower case, without IPv6 brackets.
+    host: String,
     pub port: u16,
 }
 
@@ -47,53 +50,108 @@ impl Origin {
             .to_owned();
         let authority = uri
             .authority()
+            .filter(|a| !a.host().is_empty())
             .ok_or_else(|| Error::Other(format!("{}: no host", redact(url))))?;
-        let port = authority
-            .port_u16()
-            .unwrap_or(if scheme == "https" { 443 } else { 80 });
-        Ok(Origin {
-            authority: authority.as_str().to_owned(),
-            scheme,
-            port,
-        })
+        let host = authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_ascii_lowercase();
+        let port = authority.port_u16().unwrap_or(default_port(&scheme));
+        Ok(Origin { scheme, host, port })
     }
 
     /// The host without a port, without IPv6 brackets.
     pub fn host(&self) -> &str {
-        let a = self.authority.as_str();
-        let a = a.rsplit_once('@').map_or(a, |(_, h)| h);
-        if let Some(v6) = a.strip_prefix('[') {
-            return v6.split(']').next().unwrap_or(v6);
-        }
-        a.rsplit_once(':').map_or(a, |(h, _)| h)
+        &self.host
     }
 
-    fn same(&self, other: &Origin) -> bool {
-        self.scheme == other.scheme && self.host() == other.host() && self.port == other.port
+    /// `host[:port]` as registries are named (docker config keys, a
+    /// mirror's `?ns=`): the port only when it is not the scheme's default.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default_port(&self.scheme) {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
     }
+}
+
+fn default_port(scheme: &str) -> u16 {
+    if scheme == "https" { 443 } else { 80 }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority)
+        write!(f, "{}://{}", self.scheme, self.authority())
     }
 }
 
-/// A URL without its query string, which can carry signatures (presigned
-/// object-store URLs) and must not end up in error messages.
+/// A URL fit for a message: without its query string, which can carry
+/// signatures (presigned object-store URLs), and with any user name and
+/// password in it replaced by `***`. Every URL in an error goes through
+/// this one function.
 pub fn redact(url: &str) -> String {
-    match url.split_once('?') {
+    let base = match url.split_once('?') {
         Some((base, _)) => format!("{base}?…"),
         None => url.to_owned(),
+    };
+    // Userinfo sits between "scheme://" and the first '@' before the path.
+    let (scheme, rest) = match base.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, base.as_str()),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let rest = &rest[at + 1..];
+            match scheme {
+                Some(s) => format!("{s}://***@{rest}"),
+                None => format!("***@{rest}"),
+            }
+        }
+        None => base,
     }
+}
+
+/// Whether `url` carries a user name or password (`scheme://user:pw@host`).
+fn has_userinfo(url: &str) -> bool {
+    url.parse::<Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().contains('@')))
+        .unwrap_or(false)
 }
 
 /// True for `localhost`, `127.0.0.0/8` and `::1`.
 pub fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost"
+    h.eq_ignore_ascii_case("localhost")
         || h.parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a password (Basic credentials, or credentials for a token realm)
+/// may travel to `to`: over https always; over plain http only to loopback,
+/// or when the user asked for plain http with `--plain-http`.
+pub fn may_carry_credentials(to: &Origin, plain_http: bool) -> bool {
+    to.scheme == "https" || plain_http || is_loopback(to.host())
+}
+
+/// What a response body is, which decides how long it may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// A manifest or a token: small, so the whole body must arrive within the
+    /// stall timeout.
+    Document,
+    /// A blob, which may take hours: bounded by its rate instead (see
+    /// [`blob`](super::blob)), and by the stall timeout per read.
+    Blob,
 }
 
 /// Settings for the client.
@@ -101,11 +159,17 @@ pub fn is_loopback(host: &str) -> bool {
 pub struct ClientOptions {
     /// How many times a failed request is retried.
     pub retries: u32,
-    /// No byte for this long is a stall: the read fails (and is resumed).
+    /// The stall bound: no byte for this long fails a read; the response
+    /// headers (1xx answers included), and a manifest's or token's whole
+    /// body, must each arrive within it; a blob body must keep up
+    /// [`MIN_RATE`] over windows of it.
     pub stall_timeout: Duration,
+    /// Credentials for the registry's origin (and no other).
     pub credentials: CredentialStore,
     /// A bearer token sent, unasked, to this origin only.
     pub static_token: Option<(Origin, Secret)>,
+    /// `--plain-http`: passwords may go over plain http off loopback too.
+    pub plain_http: bool,
 }
 
 /// A successful response.
@@ -166,6 +230,9 @@ impl Client {
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_per_read(Some(opts.stall_timeout))
             .timeout_per_write(Some(opts.stall_timeout))
+            // In total, not per byte: a header a byte at a time, or endless
+            // `103 Early Hints`, must not hold a run forever.
+            .timeout_recv_response(Some(opts.stall_timeout))
             .user_agent(concat!("cloudimg/", env!("CARGO_PKG_VERSION")))
             // Large receives: a blob body is read in big pieces.
             .input_buffer_size(INPUT_BUFFER)
@@ -182,25 +249,25 @@ impl Client {
         self.opts.retries
     }
 
-    /// `GET url`, following redirects, answering auth challenges and retrying
-    /// transient failures with exponential backoff and jitter. `scope` is the
-    /// token scope for the repository (`repository:NAME:pull`). Only 2xx
-    /// responses are returned.
-    pub fn get(&self, url: &str, headers: &[(&str, String)], scope: &str) -> Result<Response> {
-        self.get_tries(url, headers, scope, self.opts.retries)
+    pub fn stall_timeout(&self) -> Duration {
+        self.opts.stall_timeout
     }
 
-    /// [`get`](Client::get) with its own retry budget (mirrors get none).
+    /// `GET url`, following redirects, answering auth challenges and retrying
+    /// transient failures with exponential backoff and jitter, `retries`
+    /// times (mirrors get none). `scope` is the token scope for the
+    /// repository (`repository:NAME:pull`). Only 2xx responses are returned.
     pub fn get_tries(
         &self,
         url: &str,
         headers: &[(&str, String)],
         scope: &str,
         retries: u32,
+        body: BodyKind,
     ) -> Result<Response> {
         let mut attempt = 0u32;
         loop {
-            match self.get_once(url, headers, scope) {
+            match self.get_once(url, headers, scope, body) {
                 Ok(r) => return Ok(r),
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Transient { error, retry_after }) => {
@@ -224,13 +291,28 @@ impl Client {
         url: &str,
         headers: &[(&str, String)],
         scope: &str,
+        body: BodyKind,
     ) -> std::result::Result<Response, Failure> {
         let mut url = url.to_owned();
         let mut challenged: Vec<Origin> = Vec::new();
         let mut hops = 0;
         loop {
             let origin = Origin::of(&url).map_err(Failure::Fatal)?;
+            // ureq sends a URL's user name and password as Basic credentials.
+            if has_userinfo(&url) && !may_carry_credentials(&origin, self.opts.plain_http) {
+                return Err(Failure::Fatal(Error::Other(format!(
+                    "{}: refusing to send the user name and password in the URL over plain \
+                     http (use https, or --plain-http to allow it)",
+                    redact(&url)
+                ))));
+            }
             let mut req = self.agent.get(&url);
+            if body == BodyKind::Document {
+                req = req
+                    .config()
+                    .timeout_recv_body(Some(self.opts.stall_timeout))
+                    .build();
+            }
             for (k, v) in headers {
                 req = req.header(*k, v.as_str());
             }
@@ -297,7 +379,7 @@ impl Client {
     /// whatever a challenge from this very origin bought.
     fn authorization(&self, origin: &Origin, scope: &str) -> Option<Secret> {
         if let Some((o, token)) = &self.opts.static_token
-            && o.same(origin)
+            && o == origin
         {
             return Some(Secret::new(format!("Bearer {}", token.expose())));
         }
@@ -307,7 +389,10 @@ impl Client {
 
     /// Answer a challenge from `origin`: fetch a bearer token from the realm
     /// (with basic credentials when the user has some for this origin), or
-    /// use basic credentials directly.
+    /// use basic credentials directly. Credentials are the registry
+    /// origin's only: a challenge from any other origin — the same host
+    /// over plain http, another port, a host a redirect led to — is
+    /// answered anonymously or not at all.
     fn answer(
         &self,
         origin: &Origin,
@@ -317,15 +402,27 @@ impl Client {
         let creds = self
             .opts
             .credentials
-            .lookup(&origin.authority)
+            .lookup(origin)
             .map_err(Failure::Fatal)?;
+        let plain_http = self.opts.plain_http;
         let header = match challenge {
             Challenge::Basic => match creds {
+                Some(_) if !may_carry_credentials(origin, plain_http) => {
+                    return Err(Failure::Fatal(Error::Other(format!(
+                        "{origin} asks for the password over plain http; refusing to send \
+                         it (use https, or --plain-http to allow it)"
+                    ))));
+                }
                 Some(c) => c.basic_header(),
                 None => {
+                    let hint = match &self.opts.credentials.origin {
+                        Some(registry) if registry != origin => format!(
+                            "credentials are only ever sent to the registry's origin, {registry}"
+                        ),
+                        _ => "use --username with --password-stdin, or docker login".to_owned(),
+                    };
                     return Err(Failure::Fatal(Error::Other(format!(
-                        "{origin} asks for a user name and password; use --username with \
-                         --password-stdin, or docker login"
+                        "{origin} asks for a user name and password; {hint}"
                     ))));
                 }
             },
@@ -335,12 +432,10 @@ impl Client {
                 scope: wanted,
             } => {
                 let realm_origin = Origin::of(&realm).map_err(Failure::Fatal)?;
-                if creds.is_some()
-                    && realm_origin.scheme != "https"
-                    && !is_loopback(realm_origin.host())
-                {
+                if creds.is_some() && !may_carry_credentials(&realm_origin, plain_http) {
                     return Err(Failure::Fatal(Error::Other(format!(
-                        "token realm {realm_origin} is plain http; refusing to send credentials there"
+                        "token realm {realm_origin} is plain http; refusing to send credentials \
+                         there (use --plain-http to allow it)"
                     ))));
                 }
                 let mut query = Vec::new();
@@ -353,7 +448,12 @@ impl Client {
                 ));
                 let sep = if realm.contains('?') { '&' } else { '?' };
                 let token_url = format!("{realm}{sep}{}", query.join("&"));
-                let mut req = self.agent.get(&token_url);
+                let mut req = self
+                    .agent
+                    .get(&token_url)
+                    .config()
+                    .timeout_recv_body(Some(self.opts.stall_timeout))
+                    .build();
                 if let Some(c) = &creds {
                     req = req.header("Authorization", c.basic_header().expose());
                 }
@@ -457,12 +557,34 @@ fn status_failure(url: &str, status: StatusCode, retry_after: Option<Duration>) 
     }
 }
 
+/// What a timeout of ureq's means, in this client's terms.
+fn timeout_text(t: ureq::Timeout) -> String {
+    match t {
+        ureq::Timeout::PerRead => "stalled: nothing received within the stall timeout".into(),
+        ureq::Timeout::RecvResponse => {
+            "stalled: no complete response headers within the stall timeout".into()
+        }
+        ureq::Timeout::RecvBody => {
+            "stalled: the whole body did not arrive within the stall timeout".into()
+        }
+        t => format!("timeout: {t}"),
+    }
+}
+
+/// An I/O error of a response body, in this client's terms.
+pub fn body_error_text(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+    {
+        Some(ureq::Error::Timeout(t)) => timeout_text(*t),
+        _ => e.to_string(),
+    }
+}
+
 fn transport_failure(url: &str, e: ureq::Error) -> Failure {
     let error = Error::Other(match e {
-        ureq::Error::Timeout(ureq::Timeout::PerRead) => format!(
-            "GET {}: stalled: nothing received within the stall timeout",
-            redact(url)
-        ),
+        ureq::Error::Timeout(t) => format!("GET {}: {}", redact(url), timeout_text(t)),
         _ => format!("GET {}: {e}", redact(url)),
     });
     match e {
@@ -525,16 +647,47 @@ mod tests {
         let o = Origin::of("http://[::1]:5000/v2/").unwrap();
         assert_eq!((o.host(), o.port), ("::1", 5000));
         assert!(Origin::of("ftp://x/").is_err());
-        assert!(
-            Origin::of("https://a.example/")
-                .unwrap()
-                .same(&Origin::of("https://a.example:443/x").unwrap())
+        assert!(Origin::of("http:///x").is_err());
+        let o = |u: &str| Origin::of(u).unwrap();
+        assert_eq!(o("https://a.example/"), o("https://A.Example:443/x"));
+        assert_eq!(o("https://a.example/"), o("https://u:p@a.example/"));
+        // Scheme, host and port each make another origin.
+        assert_ne!(o("https://a.example/"), o("http://a.example/"));
+        assert_ne!(o("https://127.0.0.1:5000/"), o("http://127.0.0.1:5000/"));
+        assert_ne!(o("https://127.0.0.1/"), o("http://127.0.0.1/"));
+        assert_ne!(o("http://a.example/"), o("http://a.example:8080/"));
+        assert_ne!(o("http://a.example/"), o("http://b.example/"));
+        // How registries are named, and shown.
+        assert_eq!(
+            o("https://u:p@Reg.Example:443/v2/").authority(),
+            "reg.example"
         );
-        assert!(
-            !Origin::of("https://a.example/")
-                .unwrap()
-                .same(&Origin::of("http://a.example/").unwrap())
-        );
+        assert_eq!(o("http://reg:5000/").authority(), "reg:5000");
+        assert_eq!(o("https://[::1]:5000/").authority(), "[::1]:5000");
+        assert_eq!(o("http://u:secret@h:9/").to_string(), "http://h:9");
+    }
+
+    #[test]
+    fn passwords_travel_over_https_or_loopback_or_when_told() {
+        let o = |u: &str| Origin::of(u).unwrap();
+        for (url, plain_http, ok) in [
+            ("https://reg.example/", false, true),
+            ("https://10.0.0.1:5000/", false, true),
+            ("http://reg.example/", false, false),
+            ("http://10.0.0.1:5000/", false, false),
+            ("http://reg.example/", true, true),
+            ("http://127.0.0.1:8080/", false, true),
+            ("http://127.9.9.9/", false, true),
+            ("http://localhost/", false, true),
+            ("http://[::1]:5000/", false, true),
+            ("http://localhost.example/", false, false),
+        ] {
+            assert_eq!(
+                may_carry_credentials(&o(url), plain_http),
+                ok,
+                "{url} {plain_http}"
+            );
+        }
     }
 
     #[test]
@@ -583,8 +736,19 @@ mod tests {
     }
 
     #[test]
-    fn redaction_drops_queries() {
+    fn redaction_drops_queries_and_userinfo() {
         assert_eq!(redact("https://s3/x?X-Amz-Signature=abc"), "https://s3/x?…");
         assert_eq!(redact("https://s3/x"), "https://s3/x");
+        assert_eq!(
+            redact("http://user:tok3n@127.0.0.1:9/v2/"),
+            "http://***@127.0.0.1:9/v2/"
+        );
+        assert_eq!(redact("http://tok3n@h"), "http://***@h");
+        assert_eq!(redact("https://u:p@h/x?sig=1"), "https://***@h/x?…");
+        // An '@' in the path or the query is not userinfo.
+        assert_eq!(redact("https://h/a@b"), "https://h/a@b");
+        assert_eq!(redact("https://h/x?a=b@c"), "https://h/x?…");
+        assert!(has_userinfo("http://u:p@h/"));
+        assert!(!has_userinfo("http://h/a@b"));
     }
 }

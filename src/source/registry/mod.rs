@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::auth::{CredentialStore, Credentials, Secret};
-use self::blob::{BlobFetch, Parallel, Resumable};
-use self::client::{Client, ClientOptions, Origin, is_loopback, redact};
+use self::blob::{BlobFetch, BlobUrl, MirrorUse, Parallel, Resumable, note};
+use self::client::{BodyKind, Client, ClientOptions, Origin, body_error_text, is_loopback, redact};
 use super::{Blob, BlobSource, Resolved, choose_platform};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result};
@@ -82,6 +82,8 @@ pub struct Registry {
     opts: RegistryOptions,
     /// Range requests per blob, the default resolved.
     connections: usize,
+    /// Which blobs mirrors served.
+    mirror_use: Arc<MirrorUse>,
 }
 
 impl Registry {
@@ -116,8 +118,9 @@ impl Registry {
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
                 let server = server.trim_end_matches('/').to_owned();
-                let origin = Origin::of(&server)
-                    .map_err(|_| Error::Other(format!("{ENV_SERVER}={server} is not a URL")))?;
+                let origin = Origin::of(&server).map_err(|_| {
+                    Error::Other(format!("{ENV_SERVER}={} is not a URL", redact(&server)))
+                })?;
                 if let Some(token) = std::env::var(ENV_TOKEN).ok().filter(|t| !t.is_empty()) {
                     static_token = Some((origin, Secret::new(token)));
                 }
@@ -132,16 +135,14 @@ impl Registry {
             } else {
                 4
             });
-        let namespace = registry_origin.authority;
-        let credentials = CredentialStore {
-            explicit: opts.credentials.clone().map(|c| (namespace.clone(), c)),
-            ..CredentialStore::from_env()
-        };
+        let namespace = registry_origin.authority();
+        let credentials = CredentialStore::for_registry(registry_origin, opts.credentials.clone());
         let client = Client::new(ClientOptions {
             retries: opts.retries,
             stall_timeout: opts.stall_timeout,
             credentials,
             static_token,
+            plain_http: opts.plain_http,
         })?;
         Ok(Registry {
             client: Arc::new(client),
@@ -154,6 +155,7 @@ impl Registry {
             reference: reference.to_string(),
             opts: opts.clone(),
             connections,
+            mirror_use: Arc::default(),
         })
     }
 
@@ -161,23 +163,29 @@ impl Registry {
         format!("repository:{}:pull", self.repository)
     }
 
-    fn mirror_urls(&self, kind: &str, reference: &str) -> Vec<String> {
-        self.opts
+    /// Where to ask for a blob or manifest: the mirrors in order, then the
+    /// registry.
+    fn sources(&self, kind: &str, reference: &str) -> Vec<BlobUrl> {
+        let mut sources: Vec<BlobUrl> = self
+            .opts
             .mirrors
             .iter()
             .map(|m| {
-                format!(
-                    "{}/v2/{}/{kind}/{reference}?ns={}",
-                    m.trim_end_matches('/'),
-                    self.repository,
-                    self.namespace
-                )
+                let base = m.trim_end_matches('/');
+                BlobUrl {
+                    url: format!(
+                        "{base}/v2/{}/{kind}/{reference}?ns={}",
+                        self.repository, self.namespace
+                    ),
+                    mirror: Some(base.to_owned()),
+                }
             })
-            .collect()
-    }
-
-    fn origin_url(&self, kind: &str, reference: &str) -> String {
-        format!("{}/v2/{}/{kind}/{reference}", self.base, self.repository)
+            .collect();
+        sources.push(BlobUrl {
+            url: format!("{}/v2/{}/{kind}/{reference}", self.base, self.repository),
+            mirror: None,
+        });
+        sources
     }
 
     /// Fetch a manifest by tag or digest, verifying what can be verified:
@@ -187,23 +195,30 @@ impl Registry {
         reference: &str,
         pinned: Option<&Digest>,
     ) -> Result<(Vec<u8>, Digest)> {
-        let mut urls = Vec::new();
-        if pinned.is_some() {
-            urls.extend(self.mirror_urls("manifests", reference));
+        let mut sources = self.sources("manifests", reference);
+        if pinned.is_none() {
+            // A tag is the registry's to say; only a digest can be checked.
+            sources.drain(..sources.len() - 1);
         }
-        urls.push(self.origin_url("manifests", reference));
         let headers = [("Accept", ACCEPT.to_owned())];
         let mut last = None;
-        for (i, url) in urls.iter().enumerate() {
-            let tries = if i + 1 == urls.len() {
-                self.client.retries()
-            } else {
-                0
-            };
-            match self.manifest_from(url, &headers, pinned, tries) {
+        let n = sources.len();
+        for (i, source) in sources.iter().enumerate() {
+            let tries = if i + 1 == n { self.client.retries() } else { 0 };
+            match self.manifest_from(&source.url, &headers, pinned, tries) {
                 Ok(found) => return Ok(found),
                 Err(e @ Error::Interrupted(_)) => return Err(e),
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    if let Some(m) = &source.mirror
+                        && !matches!(e, Error::NotFound(_))
+                    {
+                        note(&format!(
+                            "mirror {}: {e}; trying the next source",
+                            redact(m)
+                        ));
+                    }
+                    last = Some(e);
+                }
             }
         }
         Err(last.expect("the registry URL is always tried"))
@@ -218,7 +233,7 @@ impl Registry {
     ) -> Result<(Vec<u8>, Digest)> {
         let resp = self
             .client
-            .get_tries(url, headers, &self.scope(), tries)
+            .get_tries(url, headers, &self.scope(), tries, BodyKind::Document)
             .map_err(|e| match e {
                 Error::NotFound(_) => Error::NotFound(format!(
                     "{}: no such manifest in the registry",
@@ -249,7 +264,13 @@ impl Registry {
             .into_reader()
             .take(MAX_MANIFEST_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| Error::io(format!("reading manifest from {}", redact(url)), e))?;
+            .map_err(|e| {
+                Error::Other(format!(
+                    "reading manifest from {}: {}",
+                    redact(url),
+                    body_error_text(&e)
+                ))
+            })?;
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(Error::Manifest(format!(
                 "manifest from {} is larger than the {MAX_MANIFEST_BYTES} byte limit",
@@ -264,7 +285,7 @@ impl Registry {
             && *want != actual
         {
             return Err(Error::Integrity(format!(
-                "manifest digest mismatch: asked for {want}, the registry's manifest is {actual}"
+                "manifest digest mismatch: asked for {want}, the manifest sent is {actual}"
             )));
         }
         if let Some(claim) = claimed {
@@ -322,14 +343,15 @@ impl BlobSource for Registry {
 
     fn open_blob(&self, layer: &DiskLayer) -> Result<Blob> {
         let digest = layer.digest.to_string();
-        let mut urls = self.mirror_urls("blobs", &digest);
-        urls.push(self.origin_url("blobs", &digest));
         let fetch = Arc::new(BlobFetch {
             client: Arc::clone(&self.client),
-            urls,
+            sources: self.sources("blobs", &digest),
             scope: self.scope(),
             size: layer.size,
             label: format!("{} ({})", layer.name(), layer.digest),
+            digest,
+            mirror_use: Arc::clone(&self.mirror_use),
+            failed: std::sync::Mutex::new(Vec::new()),
         });
         if layer.size == 0 {
             return Ok(Blob::Stream(Box::new(std::io::empty())));
@@ -344,6 +366,10 @@ impl BlobSource for Registry {
             );
         }
         Ok(Blob::Stream(Box::new(Resumable::open(fetch)?)))
+    }
+
+    fn explain(&self, e: Error) -> Error {
+        self.mirror_use.explain(e)
     }
 }
 
