@@ -1575,3 +1575,57 @@ fn sigterm_during_get_to_a_file_leaves_nothing() {
         &["--connections", "1", "--retries", "0"],
     );
 }
+
+// ---- Signals and the cocoon child ----
+
+/// The lines of our own among everything on stderr (cocoon writes there too).
+fn our_lines(err: &str) -> Vec<&str> {
+    err.lines().filter(|l| l.starts_with("cloudimg:")).collect()
+}
+
+#[test]
+fn a_fifo_in_the_layout_is_refused_at_once() {
+    let image = six_parts(106);
+    for victim in ["index.json", "manifest", "part"] {
+        let tmp = TempDir::new().unwrap();
+        let layout = LayoutDir::new(&tmp.path().join("win11"));
+        let manifest = layout.put_image(Some("25h2"), &image);
+        let path = match victim {
+            "index.json" => tmp.path().join("win11/index.json"),
+            "manifest" => layout.blob_path(&manifest),
+            _ => layout.blob_path(&sha256(&part(&image, 2).data)),
+        };
+        std::fs::remove_file(&path).unwrap();
+        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { nix::libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+        let store = tmp.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let out_dir = TempDir::new().unwrap();
+        let target = out_dir.path().join("disk.img");
+        let runs = [
+            cmd(
+                &[
+                    "get",
+                    "-q",
+                    &layout.source("25h2"),
+                    "-o",
+                    target.to_str().unwrap(),
+                ],
+                &[],
+            ),
+            pull_cmd(&layout, &store, &[]),
+        ];
+        for mut c in runs {
+            let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
+            let status = wait_for(&mut child, Duration::from_secs(5));
+            let err = stderr_of(&mut child);
+            assert_eq!(status.code(), Some(1), "{victim}: {err}");
+            assert_eq!(our_lines(&err).len(), 1, "{victim}: {err}");
+            assert!(err.contains("not a regular file"), "{victim}: {err}");
+        }
+        assert!(names(out_dir.path()).is_empty());
+        // cocoon may have been started (and killed) before the part was opened.
+        assert!(committed(&store).is_empty());
+    }
+}
