@@ -7,6 +7,7 @@
 //! child's process group is killed *before* its stdin is closed, and only then
 //! reaped. The child also gets `PR_SET_PDEATHSIG=SIGKILL`, so that even our own
 //! sudden death (SIGKILL, OOM) takes it down instead of handing it an EOF.
+//! Waiting for cocoon after the end of the stream ends on a signal too.
 //! Error precedence is the seed's: the stream error, then the close error,
 //! then the child's exit status.
 
@@ -22,6 +23,7 @@ use rustix::pipe::PipeFlags;
 use crate::error::{Error, Result};
 use crate::manifest::{DiskPlan, disk_plan};
 use crate::progress::Progress;
+use crate::signals;
 use crate::sink::{Sink, grow_pipe};
 use crate::source::BlobSource;
 use crate::stream::{self, Options};
@@ -120,10 +122,17 @@ impl Import for ExecImport {
     fn finish(mut self: Box<Self>) -> Result<()> {
         nix::unistd::close(self.stdin)
             .map_err(|e| Error::io("closing cocoon's stdin", e.into()))?;
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| Error::io("waiting for cocoon", e))?;
+        let status = match signals::wait_child(&mut self.child) {
+            Ok(status) => status,
+            Err(e) => {
+                // A signal while cocoon takes its time after the end of the
+                // stream: it may have committed already, or be committing.
+                let pid = Pid::from_raw(self.child.id() as i32);
+                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+                let _ = self.child.wait();
+                return Err(e);
+            }
+        };
         if status.success() {
             Ok(())
         } else {
