@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod digest;
 pub mod error;
+pub mod guardian;
 pub mod inspect;
 pub mod manifest;
 pub mod output;

@@ -1741,6 +1741,28 @@ fn the_handled_signals_are_caught_and_sigpipe_ignored() {
 }
 
 #[test]
+fn sigkill_mid_stream_commits_nothing_through_a_cocoon_that_does_not_exec() {
+    for wrap in ["child", ""] {
+        let (tmp, layout, store) = pull_setup(102);
+        let (mut child, pgid) = pull_blocked(tmp.path(), &layout, &store, "2", wrap);
+        signal(&child, Signal::SIGKILL);
+        let status = wait_for(&mut child, Duration::from_secs(5));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        // Nothing of cloudimg is left to kill the group: the guardian does.
+        assert_group_gone(pgid);
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(
+            committed(&store).is_empty(),
+            "{wrap}: committed {:?}",
+            names(&store)
+        );
+    }
+}
+
+#[test]
 fn a_kernel_raised_sigxfsz_is_a_clear_failure_that_leaves_nothing() {
     let image = Image::split(&data(6 * MIB, 103), MIB);
     let tmp = TempDir::new().unwrap();
@@ -1779,6 +1801,42 @@ fn a_kernel_raised_sigxfsz_is_a_clear_failure_that_leaves_nothing() {
             names(out_dir.path())
         );
     }
+}
+
+#[test]
+fn a_helper_that_leaves_cocoon_s_session_is_killed_too() {
+    let (tmp, layout, store) = pull_setup(104);
+    let pidfile = tmp.path().join("helper.pid");
+    // The importer runs in a session of its own (setsid), out of reach of the
+    // group kill; the last part is corrupted, so the pull fails at the end.
+    let image = Image::split(&data(6 * MIB, 104), MIB);
+    let last = sha256(&part(&image, 5).data);
+    let path = layout.blob_path(&last);
+    let mut bytes = std::fs::read(&path).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = pull_cmd(
+        &layout,
+        &store,
+        &[
+            ("COCOON_STANDIN_WRAP", "setsid"),
+            ("COCOON_STANDIN_PIDFILE", pidfile.to_str().unwrap()),
+        ],
+    )
+    .output()
+    .unwrap();
+    let line = failure(&out);
+    assert!(line.contains("digest mismatch"), "{line}");
+    let helper = pid_in(&pidfile);
+    wait_until(Duration::from_secs(3), "the helper to be killed", || {
+        !alive(helper)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        committed(&store).is_empty(),
+        "committed {:?}",
+        names(&store)
+    );
 }
 
 #[test]
@@ -1921,4 +1979,36 @@ fn a_fifo_in_the_layout_is_refused_at_once() {
         // cocoon may have been started (and killed) before the part was opened.
         assert!(committed(&store).is_empty());
     }
+}
+
+#[test]
+fn a_cocoon_that_asks_the_terminal_fails_instead_of_stopping() {
+    let (_tmp, layout, store) = pull_setup(107);
+    // cloudimg runs as a session leader with a terminal, like from a shell.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut c = pull_cmd(&layout, &store, &[("COCOON_STANDIN_TTY", "1")]);
+    c.stdin(Stdio::from(pty.slave)).stderr(Stdio::piped());
+    // SAFETY: setsid(2) and ioctl(2) only, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            nix::unistd::setsid()?;
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    drop(c);
+    let status = wait_for(&mut child, Duration::from_secs(10));
+    let err = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let lines = our_lines(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("exited before the image was complete (exit status 5)"),
+        "{err}"
+    );
+    assert!(committed(&store).is_empty());
+    drop(pty.master);
 }
