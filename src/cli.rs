@@ -39,7 +39,7 @@ EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon fo
 DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
 CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path).\n\
 Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
-130/143 after SIGINT/SIGTERM.",
+128+N after signal N (130 SIGINT, 143 SIGTERM).",
     example = "{command_name} inspect oci:./win11:25h2\n\
 {command_name} get oci:./win11:25h2 -o win11.qcow2\n\
 {command_name} get oci:./win11:25h2 | qemu-img convert -f qcow2 -O raw /dev/stdin disk.raw\n\
@@ -180,8 +180,9 @@ with_source_flags! {
         subcommand,
         name = "pull",
         note = "cocoon commits an import when its stdin ends cleanly, so on any failure (read \
-error, size or digest mismatch, SIGINT/SIGTERM) cocoon's process group is killed before its stdin \
-is closed: a broken or unverified image is never committed."
+error, size or digest mismatch, a signal) cocoon's process group is killed before its stdin is \
+closed, and a guardian process holds the pipe open should cloudimg itself be killed: a broken or \
+unverified image is never committed. cocoon runs in a session of its own, without a terminal."
     )]
     struct PullArgs {
         /// the image (see SOURCE in the top-level help)

@@ -23,28 +23,20 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::libc;
-use nix::sys::signal::{SigHandler, Signal};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::error::{Error, Result};
 use crate::signals;
 use crate::sink::{Sink, SinkKind};
 
-static IGNORE_SIGIO: Once = Once::new();
-
 /// Take a read lease on `file` (opened read-only). `false` when the kernel
 /// refuses one; the reason does not matter, the blob is then buffered.
 pub fn take(file: &File) -> bool {
-    IGNORE_SIGIO.call_once(|| {
-        // SAFETY: installing SIG_IGN runs no code of ours.
-        unsafe {
-            let _ = nix::sys::signal::signal(Signal::SIGIO, SigHandler::SigIgn);
-        }
-    });
+    signals::ignore_lease_breaks();
     // SAFETY: fcntl on an fd we own, with integer arguments only.
     unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) == 0 }
 }

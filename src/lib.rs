@@ -13,6 +13,7 @@ pub mod cli;
 pub mod digest;
 pub mod error;
 pub(crate) mod fdwait;
+pub(crate) mod guardian;
 pub(crate) mod holes;
 pub mod inspect;
 pub(crate) mod lease;

@@ -5,8 +5,13 @@
 //! cocoon commits when its stdin reaches a clean EOF. So on any failure before
 //! the stream is complete — read error, size or digest mismatch, a signal — the
 //! child's process group is killed *before* its stdin is closed, and only then
-//! reaped. The child also gets `PR_SET_PDEATHSIG=SIGKILL`, so that even our own
-//! sudden death (SIGKILL, OOM) takes it down instead of handing it an EOF.
+//! reaped. cocoon runs in a session of its own (so also in a process group of
+//! its own, and without a controlling terminal: a read of `/dev/tty` fails at
+//! once instead of stopping it with SIGTTIN, out of sight), with
+//! `PR_SET_PDEATHSIG=SIGKILL`, and beside a [`Guardian`] that holds a second
+//! write end of its stdin: even our own sudden death (SIGKILL, OOM, a crash)
+//! can then never hand anything that reads the pipe a clean EOF. Waiting for
+//! cocoon after the end of the stream ends on a signal too.
 //! Error precedence is the seed's: the stream error, then the close error,
 //! then the child's exit status.
 
@@ -14,14 +19,17 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use rustix::pipe::PipeFlags;
 
 use crate::error::{Error, Result};
+use crate::guardian::Guardian;
 use crate::manifest::{DiskPlan, disk_plan};
 use crate::progress::Progress;
+use crate::signals;
 use crate::sink::{Sink, grow_pipe};
 use crate::source::BlobSource;
 use crate::stream::{self, Options};
@@ -71,15 +79,19 @@ impl CocoonRunner for ExecCocoon {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io("duplicating stderr", e))?;
+        // The guardian holds a write end before cocoon exists: from then on,
+        // nothing but our `finish` can bring the pipe to a clean end.
+        let guardian = Guardian::start(write.as_fd())?;
         let mut cmd = Command::new(&self.binary);
         cmd.args(["image", "import", name])
             .stdin(Stdio::from(read))
             .stdout(Stdio::from(stderr))
-            .stderr(Stdio::inherit())
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+            .stderr(Stdio::inherit());
+        // SAFETY: setsid and prctl are async-signal-safe and touch no memory
+        // of ours.
         unsafe {
             cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }
@@ -88,10 +100,13 @@ impl CocoonRunner for ExecCocoon {
                 "cannot start {shown:?} ({e}); install cocoon or set {ENV_COCOON}"
             ))
         })?;
+        // The session's id is cocoon's pid, and so is its process group's.
+        guardian.started(child.id() as i32);
         Ok(Box::new(ExecImport {
             child,
             stdin: write,
             name: name.to_owned(),
+            guardian,
         }))
     }
 }
@@ -100,6 +115,20 @@ struct ExecImport {
     child: Child,
     stdin: OwnedFd,
     name: String,
+    guardian: Guardian,
+}
+
+/// How long an abort waits for the guardian to see the last reader of the
+/// pipe gone.
+const GUARDIAN_WAIT: Duration = Duration::from_secs(2);
+
+impl ExecImport {
+    fn kill_group(&self) {
+        // The child is not reaped yet, so its pid (= its group id) cannot have
+        // been reused; killing the group also takes any helpers it started.
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+    }
 }
 
 impl Import for ExecImport {
@@ -108,22 +137,32 @@ impl Import for ExecImport {
     }
 
     fn abort(mut self: Box<Self>) -> Option<ExitStatus> {
-        let pid = Pid::from_raw(self.child.id() as i32);
-        // The child is not reaped yet, so its pid (= its group id) cannot have
-        // been reused; killing the group also takes any helpers it started.
-        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+        self.kill_group();
         drop(self.stdin);
-        let status = self.child.wait().ok()?;
+        let status = self.child.wait().ok();
+        // Readers outside the group (a helper that left cocoon's session)
+        // are the guardian's: it kills them and holds the pipe until none
+        // is left.
+        self.guardian.aborted(GUARDIAN_WAIT);
+        let status = status?;
         (status.signal() != Some(Signal::SIGKILL as i32)).then_some(status)
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
+        self.guardian.complete();
         nix::unistd::close(self.stdin)
             .map_err(|e| Error::io("closing cocoon's stdin", e.into()))?;
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| Error::io("waiting for cocoon", e))?;
+        let status = match signals::wait_child(&mut self.child) {
+            Ok(status) => status,
+            Err(e) => {
+                // A signal while cocoon takes its time after the end of the
+                // stream: it may have committed already, or be committing.
+                let pid = Pid::from_raw(self.child.id() as i32);
+                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+                let _ = self.child.wait();
+                return Err(e);
+            }
+        };
         if status.success() {
             Ok(())
         } else {

@@ -3019,3 +3019,441 @@ fn a_blob_body_below_the_minimum_rate_is_resumed_and_then_fails_in_bounded_time(
         assert!(names(out_dir.path()).is_empty());
     }
 }
+
+// ---- Signals and the cocoon child ----
+
+/// Read a pid (or process group) a stand-in wrote to `file`.
+fn pid_in(file: &Path) -> i32 {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether process `pid` is alive (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Send the raw signal number `sig` (also real-time ones) to `child`.
+fn signal_raw(child: &Child, sig: i32) {
+    // SAFETY: kill(2) with a pid we spawned and have not reaped.
+    assert_eq!(unsafe { nix::libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// The lines of our own among everything on stderr (cocoon writes there too).
+fn our_lines(err: &str) -> Vec<&str> {
+    err.lines().filter(|l| l.starts_with("cloudimg:")).collect()
+}
+
+/// A mask of signal numbers from a `/proc/PID/status` line such as `SigCgt:`.
+fn signal_mask(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    u64::from_str_radix(line[field.len()..].trim(), 16).unwrap()
+}
+
+/// `pull` into a stand-in that sleeps `delay` seconds before reading and is
+/// started as `wrap` (`child`: by a shell that does not exec it). Returns the
+/// running cloudimg and cocoon's process group, once cloudimg is blocked on
+/// the full pipe.
+fn pull_blocked(
+    tmp: &Path,
+    layout: &LayoutDir,
+    store: &Path,
+    delay: &str,
+    wrap: &str,
+) -> (Child, i32) {
+    let pidfile = tmp.join("cocoon.pid");
+    // Unwrapped, the stand-in itself leads cocoon's process group.
+    let group = match wrap {
+        "" => pidfile.clone(),
+        _ => tmp.join("cocoon.group"),
+    };
+    let child = pull_cmd(
+        layout,
+        store,
+        &[
+            ("COCOON_STANDIN_DELAY", delay),
+            ("COCOON_STANDIN_WRAP", wrap),
+            ("COCOON_STANDIN_GROUPFILE", group.to_str().unwrap()),
+            ("COCOON_STANDIN_PIDFILE", pidfile.to_str().unwrap()),
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until(Duration::from_secs(10), "cocoon to start", || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+            && std::fs::read_to_string(&group).is_ok_and(|s| s.ends_with('\n'))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pgid = pid_in(&group);
+    (child, pgid)
+}
+
+/// Every catchable signal whose default action ends the process, other than
+/// those the kernel raises for a fault of the thread itself.
+fn fatal_catchable_signals() -> Vec<(i32, &'static str)> {
+    use nix::libc::*;
+    vec![
+        (SIGQUIT, "SIGQUIT"),
+        (SIGUSR1, "SIGUSR1"),
+        (SIGUSR2, "SIGUSR2"),
+        (SIGALRM, "SIGALRM"),
+        (SIGVTALRM, "SIGVTALRM"),
+        (SIGPROF, "SIGPROF"),
+        (SIGPWR, "SIGPWR"),
+        (SIGSTKFLT, "SIGSTKFLT"),
+        (SIGXCPU, "SIGXCPU"),
+        (SIGXFSZ, "SIGXFSZ"),
+        (SIGRTMIN(), "SIGRTMIN"),
+        (SIGRTMIN() + 5, "SIGRTMIN+5"),
+        (SIGRTMAX(), "SIGRTMAX"),
+    ]
+}
+
+#[test]
+fn every_catchable_fatal_signal_kills_a_cocoon_that_does_not_exec() {
+    // cocoon is a shell that runs the importer as its child: PR_SET_PDEATHSIG
+    // reaches only the shell, so only the group kill stops the importer from
+    // reading what is left in the pipe and committing it.
+    std::thread::scope(|scope| {
+        for (sig, name) in fatal_catchable_signals() {
+            scope.spawn(move || {
+                let (tmp, layout, store) = pull_setup(100);
+                let (mut child, pgid) = pull_blocked(tmp.path(), &layout, &store, "2", "child");
+                signal_raw(&child, sig);
+                let status = wait_for(&mut child, Duration::from_secs(10));
+                let err = stderr_of(&mut child);
+                assert_eq!(status.code(), Some(128 + sig), "{name}: {status:?} {err}");
+                assert_eq!(
+                    our_lines(&err),
+                    vec![format!("cloudimg: interrupted by signal {sig}")],
+                    "{name}"
+                );
+                assert_group_gone(pgid);
+                std::thread::sleep(Duration::from_millis(2500));
+                assert!(committed(&store).is_empty(), "{name}: {:?}", names(&store));
+            });
+        }
+    });
+}
+
+#[test]
+fn the_handled_signals_are_caught_and_sigpipe_ignored() {
+    let (tmp, layout, store) = pull_setup(101);
+    let (mut child, _) = pull_blocked(tmp.path(), &layout, &store, "30", "");
+    let pid = child.id() as i32;
+    let caught = signal_mask(pid, "SigCgt:");
+    let ignored = signal_mask(pid, "SigIgn:");
+    signal(&child, Signal::SIGTERM);
+    wait_for(&mut child, Duration::from_secs(10));
+    let bit = |s: i32| 1u64 << (s - 1);
+    for (sig, name) in fatal_catchable_signals().into_iter().chain([
+        (nix::libc::SIGINT, "SIGINT"),
+        (nix::libc::SIGTERM, "SIGTERM"),
+        (nix::libc::SIGHUP, "SIGHUP"),
+    ]) {
+        assert!(caught & bit(sig) != 0, "{name} is not caught ({caught:x})");
+    }
+    assert!(
+        ignored & bit(nix::libc::SIGPIPE) != 0,
+        "SIGPIPE not ignored"
+    );
+    // SIGIO announces a lease break; the lease check reports it by name.
+    assert!(ignored & bit(nix::libc::SIGIO) != 0, "SIGIO not ignored");
+    // Faults of the thread itself keep their default action: they cannot be
+    // resumed from, and the guardian covers the death they cause. (SIGSEGV
+    // and SIGBUS carry std's stack-overflow handler, which falls back to the
+    // default action for any other fault.)
+    for sig in [
+        nix::libc::SIGILL,
+        nix::libc::SIGFPE,
+        nix::libc::SIGTRAP,
+        nix::libc::SIGSYS,
+        nix::libc::SIGABRT,
+    ] {
+        assert!(caught & bit(sig) == 0, "signal {sig} is caught");
+    }
+}
+
+#[test]
+fn sigkill_mid_stream_commits_nothing_through_a_cocoon_that_does_not_exec() {
+    for wrap in ["child", ""] {
+        let (tmp, layout, store) = pull_setup(102);
+        let (mut child, pgid) = pull_blocked(tmp.path(), &layout, &store, "2", wrap);
+        signal(&child, Signal::SIGKILL);
+        let status = wait_for(&mut child, Duration::from_secs(5));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        // Nothing of cloudimg is left to kill the group: the guardian does.
+        assert_group_gone(pgid);
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(
+            committed(&store).is_empty(),
+            "{wrap}: committed {:?}",
+            names(&store)
+        );
+    }
+}
+
+#[test]
+fn a_kernel_raised_sigxfsz_is_a_clear_failure_that_leaves_nothing() {
+    let image = Image::split(&data(6 * MIB, 103), MIB);
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("img"));
+    layout.put_image(Some("v1"), &image);
+    for io in ["", "readwrite"] {
+        let out_dir = TempDir::new().unwrap();
+        let target = out_dir.path().join("disk.img");
+        let mut c = cmd(
+            &[
+                "get",
+                "-q",
+                &layout.source("v1"),
+                "-o",
+                target.to_str().unwrap(),
+            ],
+            &[("CLOUDIMG_IO", io)],
+        );
+        // SAFETY: setrlimit(2) only, between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                let limit = nix::libc::rlimit {
+                    rlim_cur: 2 << 20,
+                    rlim_max: 2 << 20,
+                };
+                nix::libc::setrlimit(nix::libc::RLIMIT_FSIZE, &limit);
+                Ok(())
+            });
+        }
+        let out = c.output().unwrap();
+        let line = failure(&out);
+        assert!(line.contains("File too large"), "{io}: {line}");
+        assert!(
+            names(out_dir.path()).is_empty(),
+            "{io}: left {:?}",
+            names(out_dir.path())
+        );
+    }
+}
+
+#[test]
+fn a_helper_that_leaves_cocoon_s_session_is_killed_too() {
+    let (tmp, layout, store) = pull_setup(104);
+    let pidfile = tmp.path().join("helper.pid");
+    // The importer runs in a session of its own (setsid), out of reach of the
+    // group kill; the last part is corrupted, so the pull fails at the end.
+    let image = Image::split(&data(6 * MIB, 104), MIB);
+    let last = sha256(&part(&image, 5).data);
+    let path = layout.blob_path(&last);
+    let mut bytes = std::fs::read(&path).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = pull_cmd(
+        &layout,
+        &store,
+        &[
+            ("COCOON_STANDIN_WRAP", "setsid"),
+            ("COCOON_STANDIN_PIDFILE", pidfile.to_str().unwrap()),
+        ],
+    )
+    .output()
+    .unwrap();
+    let line = failure(&out);
+    assert!(line.contains("digest mismatch"), "{line}");
+    let helper = pid_in(&pidfile);
+    wait_until(Duration::from_secs(3), "the helper to be killed", || {
+        !alive(helper)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        committed(&store).is_empty(),
+        "committed {:?}",
+        names(&store)
+    );
+}
+
+#[test]
+fn a_signal_ends_the_wait_for_a_cocoon_that_hangs_after_the_end() {
+    for (sig, code, name) in [
+        (Signal::SIGTERM, 143, "SIGTERM"),
+        (Signal::SIGINT, 130, "SIGINT"),
+    ] {
+        let (tmp, layout, store) = pull_setup(105);
+        let pidfile = tmp.path().join("cocoon.pid");
+        let mut child = pull_cmd(
+            &layout,
+            &store,
+            &[
+                ("COCOON_STANDIN_LINGER", "30"),
+                ("COCOON_STANDIN_PIDFILE", pidfile.to_str().unwrap()),
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        // The stand-in has read the whole disk: cloudimg waits for it.
+        wait_until(Duration::from_secs(10), "the stream to end", || {
+            names(&store).values().any(|&len| len == 6 * MIB as u64)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        signal(&child, sig);
+        let status = wait_for(&mut child, Duration::from_secs(5));
+        let err = stderr_of(&mut child);
+        assert_eq!(status.code(), Some(code), "{err}");
+        assert_eq!(
+            our_lines(&err),
+            vec![format!("cloudimg: interrupted by {name}")]
+        );
+        assert_group_gone(pid_in(&pidfile));
+        assert!(committed(&store).is_empty());
+    }
+}
+
+#[test]
+fn a_signal_ends_the_wait_for_a_credential_helper() {
+    let tmp = TempDir::new().unwrap();
+    let bin_dir = tmp.path().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let pidfile = tmp.path().join("helper.pid");
+    let helper = bin_dir.join("docker-credential-sleepy");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\necho $$ > '{}'\nexec sleep 30\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = tmp.path().join("docker");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("config.json"), r#"{"credsStore":"sleepy"}"#).unwrap();
+    let server = Server::start(|_, _| {
+        Reply::status(401).header("WWW-Authenticate", r#"Basic realm="test""#)
+    });
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out_dir = TempDir::new().unwrap();
+    let target = out_dir.path().join("disk.img");
+    let mut child = cmd(
+        &[
+            "get",
+            "-q",
+            &source_of(&server),
+            "-o",
+            target.to_str().unwrap(),
+        ],
+        &[("DOCKER_CONFIG", config.to_str().unwrap()), ("PATH", &path)],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the credential helper", || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child, Signal::SIGTERM);
+    let status = wait_for(&mut child, Duration::from_secs(5));
+    let err = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert_eq!(err.trim(), "cloudimg: interrupted by SIGTERM");
+    let helper = pid_in(&pidfile);
+    wait_until(Duration::from_secs(3), "the helper to be killed", || {
+        !alive(helper)
+    });
+    assert!(names(out_dir.path()).is_empty());
+}
+
+#[test]
+fn a_fifo_in_the_layout_is_refused_at_once() {
+    let image = six_parts(106);
+    for victim in ["index.json", "manifest", "part"] {
+        let tmp = TempDir::new().unwrap();
+        let layout = LayoutDir::new(&tmp.path().join("win11"));
+        let manifest = layout.put_image(Some("25h2"), &image);
+        let path = match victim {
+            "index.json" => tmp.path().join("win11/index.json"),
+            "manifest" => layout.blob_path(&manifest),
+            _ => layout.blob_path(&sha256(&part(&image, 2).data)),
+        };
+        std::fs::remove_file(&path).unwrap();
+        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { nix::libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+        let store = tmp.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let out_dir = TempDir::new().unwrap();
+        let target = out_dir.path().join("disk.img");
+        let runs = [
+            cmd(
+                &[
+                    "get",
+                    "-q",
+                    &layout.source("25h2"),
+                    "-o",
+                    target.to_str().unwrap(),
+                ],
+                &[],
+            ),
+            pull_cmd(&layout, &store, &[]),
+        ];
+        for mut c in runs {
+            let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
+            let status = wait_for(&mut child, Duration::from_secs(5));
+            let err = stderr_of(&mut child);
+            assert_eq!(status.code(), Some(1), "{victim}: {err}");
+            assert_eq!(our_lines(&err).len(), 1, "{victim}: {err}");
+            assert!(err.contains("not a regular file"), "{victim}: {err}");
+        }
+        assert!(names(out_dir.path()).is_empty());
+        // cocoon may have been started (and killed) before the part was opened.
+        assert!(committed(&store).is_empty());
+    }
+}
+
+#[test]
+fn a_cocoon_that_asks_the_terminal_fails_instead_of_stopping() {
+    let (_tmp, layout, store) = pull_setup(107);
+    // cloudimg runs as a session leader with a terminal, like from a shell.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut c = pull_cmd(&layout, &store, &[("COCOON_STANDIN_TTY", "1")]);
+    c.stdin(Stdio::from(pty.slave)).stderr(Stdio::piped());
+    // SAFETY: setsid(2) and ioctl(2) only, between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            nix::unistd::setsid()?;
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    drop(c);
+    let status = wait_for(&mut child, Duration::from_secs(10));
+    let err = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(1), "{err}");
+    let lines = our_lines(&err);
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("exited before the image was complete (exit status 5)"),
+        "{err}"
+    );
+    assert!(committed(&store).is_empty());
+    drop(pty.master);
+}

@@ -171,3 +171,24 @@ fn sigterm_during_pull_kills_cocoon_and_commits_nothing() {
         names(&s.store)
     );
 }
+
+#[test]
+fn wrapped_cocoons_import_identical_bytes() {
+    // A wrapper that runs the importer as its child, and one that runs it in
+    // a session of its own: the guardian holds a second write end of the
+    // pipe, and must let go of it once the stream is complete.
+    for wrap in ["child", "setsid"] {
+        let s = setup();
+        let out = pull_cmd(&s, &["-q", &s.layout.source("25h2")])
+            .env("COCOON_STANDIN_WRAP", wrap)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{wrap}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(committed(&s.store), vec!["win11".to_owned()], "{wrap}");
+        assert!(std::fs::read(s.store.join("win11")).unwrap() == expected_disk(&s.image));
+    }
+}

@@ -1,8 +1,11 @@
 //! An OCI image layout directory: `oci-layout`, `index.json`, `blobs/ALG/HEX`.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::OFlags;
 
 use super::{Blob, BlobSource, IndexChoice, Resolved, choose_platform};
 use crate::digest::Digest;
@@ -62,25 +65,59 @@ impl Layout {
 
     fn open_file(&self, digest: &Digest, what: &str) -> Result<(File, u64)> {
         let path = self.blob_path(digest);
-        let file = File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => {
+        open_regular(&path).map_err(|e| match e {
+            Opened::Io(e) if e.kind() == io::ErrorKind::NotFound => {
                 Error::NotFound(format!("{what}: blob {digest} is missing from the layout"))
             }
-            _ if e.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) => {
+            Opened::Io(e) if e.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) => {
                 too_many_open_files(what)
             }
-            _ => Error::io(format!("{what}: opening {}", path.display()), e),
-        })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io(format!("{what}: {}", path.display()), e))?;
-        if !meta.is_file() {
-            return Err(Error::Integrity(format!(
-                "{what}: blob {digest} is not a regular file"
-            )));
-        }
-        Ok((file, meta.len()))
+            Opened::Io(e) => Error::io(format!("{what}: opening {}", path.display()), e),
+            Opened::NotRegular(kind) => Error::Integrity(format!(
+                "{what}: blob {digest} is not a regular file ({kind})"
+            )),
+        })
     }
+}
+
+/// Why [`open_regular`] failed.
+enum Opened {
+    Io(io::Error),
+    /// Not a regular file: what it is instead.
+    NotRegular(&'static str),
+}
+
+/// Open a layout file for reading, and its length — a regular file only.
+/// The open does not block (`O_NONBLOCK`): opening a FIFO for reading
+/// otherwise waits for a writer, forever and deaf to signals, since std
+/// retries the `EINTR`. The flag is cleared again before the file is used
+/// (splice from a file opened with it would not wait for a full pipe).
+fn open_regular(path: &Path) -> std::result::Result<(File, u64), Opened> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(Opened::Io)?;
+    let meta = file.metadata().map_err(Opened::Io)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        return Err(Opened::NotRegular(if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        }));
+    }
+    let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| Opened::Io(e.into()))?;
+    rustix::fs::fcntl_setfl(&file, flags - OFlags::NONBLOCK).map_err(|e| Opened::Io(e.into()))?;
+    Ok((file, meta.len()))
 }
 
 /// A layout keeps every disk blob open from the start (so that a missing or
@@ -206,8 +243,13 @@ fn read_capped(mut r: impl Read, what: &str) -> Result<Vec<u8>> {
 impl BlobSource for Layout {
     fn resolve(&self) -> Result<Resolved> {
         let index_path = self.dir.join("index.json");
-        let index_file = File::open(&index_path)
-            .map_err(|e| Error::io(format!("opening {}", index_path.display()), e))?;
+        let (index_file, _) = open_regular(&index_path).map_err(|e| match e {
+            Opened::Io(e) => Error::io(format!("opening {}", index_path.display()), e),
+            Opened::NotRegular(kind) => Error::Manifest(format!(
+                "{} is not a regular file ({kind})",
+                index_path.display()
+            )),
+        })?;
         let index_bytes = read_capped(index_file, "index.json")?;
         let desc = select_manifest(&index_bytes, &self.selector, &self.reference)?;
         let (bytes, digest) = self.read_manifest(&desc)?;

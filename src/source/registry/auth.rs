@@ -301,14 +301,14 @@ fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(host.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::io(format!("running {program}"), e))?;
-    if !out.status.success() {
+    // A helper may take its time (an unlock prompt, a hung keyring): a
+    // signal ends the wait, and the helper.
+    let (status, stdout) = crate::signals::child_output(child, &program)?;
+    if !status.success() {
         // Helpers exit non-zero for "no credentials for this host".
         return Ok(None);
     }
-    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
+    let answer: HelperAnswer = serde_json::from_slice(&stdout)
         .map_err(|_| Error::Other(format!("{program} answered something that is not JSON")))?;
     Ok(Some(Credentials {
         username: answer.username,
