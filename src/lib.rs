@@ -22,6 +22,7 @@ pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod route;
+pub mod serve;
 pub mod signals;
 pub mod sink;
 pub mod source;
