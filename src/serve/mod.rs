@@ -504,12 +504,14 @@ impl Exchange<'_> {
     }
 
     fn send_head(&self, head: &Head, more: bool) -> std::io::Result<()> {
-        http::send_all(
-            self.sock,
-            &head.render(self.closing()),
-            more,
-            self.server.config.send_timeout,
-        )
+        let closing = self.closing();
+        let mut bytes = head.render(closing);
+        if !closing && self.req.minor == 0 {
+            // An HTTP/1.0 client that asked to keep the connection is told so.
+            let at = bytes.len() - 2;
+            bytes.splice(at..at, *b"Connection: keep-alive\r\n");
+        }
+        http::send_all(self.sock, &bytes, more, self.server.config.send_timeout)
     }
 
     /// A response with a small body from memory (or none, for `HEAD` and

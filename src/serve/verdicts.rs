@@ -118,6 +118,9 @@ pub struct Verdicts {
     state: Mutex<State>,
     done: Condvar,
     file: Option<PathBuf>,
+    /// Held while the state file is rewritten, so that an older snapshot
+    /// never replaces a newer one.
+    writing: Mutex<()>,
 }
 
 impl Verdicts {
@@ -141,6 +144,7 @@ impl Verdicts {
                 state: Mutex::new(state),
                 done: Condvar::new(),
                 file,
+                writing: Mutex::new(()),
             },
             note,
         )
@@ -167,16 +171,13 @@ impl Verdicts {
         if !id.settled(began) {
             return;
         }
-        let snapshot: String = {
-            let mut s = self.lock();
-            if s.good.insert(id, digest.clone()).as_ref() == Some(digest) {
-                return;
-            }
-            s.good.iter().map(|(id, d)| id.line(d)).collect()
-        };
-        if let Some(path) = &self.file
-            && let Err(e) = write_state(path, &snapshot)
-        {
+        if self.lock().good.insert(id, digest.clone()).as_ref() == Some(digest) {
+            return;
+        }
+        let Some(path) = &self.file else { return };
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot: String = self.lock().good.iter().map(|(id, d)| id.line(d)).collect();
+        if let Err(e) = write_state(path, &snapshot) {
             eprintln!(
                 "cloudimg serve: verdicts not saved to {}: {e}",
                 path.display()
