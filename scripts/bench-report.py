@@ -23,7 +23,13 @@ TITLES = {
     "6": "Memory: peak RSS at two disk sizes",
     "7": "Rate-capped object storage (50 MB/s per connection)",
     "8": "Sparse raw disk → file",
+    "9": "`cloudimg serve`: one `curl -o /dev/null` of the whole disk on loopback",
+    "10": "`cloudimg serve`: concurrent clients (qemu-like 256 KiB ranges, whole-disk GETs)",
+    "11": "`cloudimg serve`: cold start, time to first byte",
 }
+
+# Scenarios whose CPU and RSS columns are those of the server process.
+SERVER = {"9", "10", "11"}
 
 # (scenario, peer, minimum speed-up of cloudimg over it, what it says)
 TARGETS = [
@@ -37,6 +43,8 @@ TARGETS = [
     ("7", "curl-unverified", 4.0, "≥ 4× single-stream `curl`"),
     ("7", "go-reference", 4.0, "≥ 4× the single-stream Go reference"),
     ("8", "cat", 3.0, "wall ≥ 3× `cat > file`"),
+    ("9", "nginx-sendfile", 0.9, "≥ 0.9× nginx's throughput (sendfile on)"),
+    ("9", "go-dl-shape", 2.0, "≥ 2× the Go net/http server in the shape of epoch's /dl/"),
 ]
 
 
@@ -110,17 +118,22 @@ def main():
       "its first process). Speed-up = peer wall / cloudimg wall. Peers that write a file "
       "end with `sync FILE`, as cloudimg makes its output durable before naming it.\n")
     verdicts = []
-    for sc in sorted(TITLES):
+    for sc in sorted(TITLES, key=int):
         if sc not in rows:
             continue
         w(f"## {sc}. {TITLES[sc]}\n")
         tools = rows[sc]
+        if sc in SERVER and sc != "11":
+            w("CPU and peak RSS here are the server's (for nginx: its master and workers), "
+              "measured from /proc around each request run; the client is `curl` (9) or "
+              "`rangeload` (10, Go net/http, one kept-alive connection per worker).\n")
         ours = [n for n in tools if n.startswith("cloudimg")]
         base = summary(tools[ours[0]]) if ours else None
-        w("| tool | wall s | GiB/s | CPU s/GiB | peak RSS MiB | cloudimg speed-up |")
-        w("|---|---|---|---|---|---|")
+        if any(not n.endswith("-ttfb") for n in tools):
+            w("| tool | wall s | GiB/s | CPU s/GiB | peak RSS MiB | cloudimg speed-up |")
+            w("|---|---|---|---|---|---|")
         for name, samples in tools.items():
-            if name.endswith("-kib"):
+            if name.endswith("-kib") or name.endswith("-ttfb"):
                 continue
             nbytes, wall, cpu, rss = summary(samples)
             gib = nbytes / GIB
@@ -128,9 +141,29 @@ def main():
             cpu_s = f"{cpu / gib:.3f}" if cpu is not None else "-"
             rss_s = f"{rss / 1024:.1f}" if rss is not None else "-"
             ratio = "-"
-            if base and not name.startswith("cloudimg") and base[1]:
-                ratio = f"{wall / base[1]:.2f}×"
+            mine = base
+            twin = "cloudimg-" + name.split("-", 1)[-1]
+            if twin in tools:
+                mine = summary(tools[twin])
+            if mine and not name.startswith("cloudimg") and mine[1]:
+                ratio = f"{wall / mine[1]:.2f}×"
             w(f"| {name} | {wall:.3f} | {speed} | {cpu_s} | {rss_s} | {ratio} |")
+        ttfbs = [n for n in tools if n.endswith("-ttfb")]
+        if ttfbs:
+            w("`curl -w %{time_starttransfer}` against a server started just before; \"unverified\" "
+              "means no verdict file: a range hashes its whole part (1900 MiB) before its head, a "
+              "whole GET starts at once and hashes beside the copy. nginx, which verifies nothing, "
+              "for scale.\n")
+            w("| case | time to first byte, ms |")
+            w("|---|---|")
+            for name in ttfbs:
+                w(f"| {name[:-5]} | {med([s[1] for s in tools[name]]) * 1000:.1f} |")
+        if sc == "10":
+            for name in ("cloudimg-ranges-16", "cloudimg-ranges-64"):
+                if name in tools:
+                    rss = summary(tools[name])[3]
+                    w(f"- Peak RSS of serve, {name[-2:]} connections: {rss / 1024:.1f} MiB "
+                      f"(target ≤ 64 MiB with 64 connections)")
         sizes = [n for n in tools if n.endswith("-kib")]
         if sizes:
             w("")
@@ -196,6 +229,15 @@ def main():
     w("- **8, ≥ 3× `cat > file`**: verified, cloudimg reads and hashes all of the disk (the "
       "zeros too); on two cores hashing bounds the wall time. Without verification it is "
       "≥ 3× `cat` and on par with `cp --sparse=always`, which verifies nothing either.")
+    w("- **9, single client**: the client (`curl -o /dev/null`, one core) bounds every server "
+      "here; cloudimg's CPU per GiB is the kernel's sendfile work plus a lease check per chunk. "
+      "The Go server in epoch's shape copies through a 32 KiB buffer and hashes with Go 1.19 "
+      "(no SHA-NI) on every request; a chunked response cannot use sendfile even unhashed.")
+    w("- **10, 256 KiB ranges against nginx**: every response of serve resolves the image again "
+      "(index.json, the manifest and its digest, an `openat2` and a lease per blob), reads its "
+      "last 16 KiB through a buffer and waits until the client has acknowledged every earlier "
+      "byte before sending them: the price of never ending cleanly a body a writer may have "
+      "changed. A cache of resolved images would remove most of the first part.")
     w("- **2 and 3 depend on the peer's Go**: Debian's Go 1.19 has no SHA-NI code for "
       "sha256; a Go ≥ 1.21 build of the reference would hash several times faster.")
     w("")

@@ -8,7 +8,7 @@
 #   BENCH_ONLY="4 8" scripts/bench.sh   # rerun some scenarios, keep the other rows
 #
 # Run as root on Debian it installs what it needs (golang-go, gcc,
-# docker-registry, xfsprogs, time, curl). Scenario 4 needs loop devices and
+# docker-registry, xfsprogs, time, curl, nginx-light). Scenario 4 needs loop devices and
 # mkfs.xfs and is skipped with a message where they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +66,7 @@ PY
 
 # ---------------------------------------------------------------- set-up
 need=()
-for t in go:golang-go gcc:gcc docker-registry:docker-registry curl:curl /usr/bin/time:time; do
+for t in go:golang-go gcc:gcc docker-registry:docker-registry curl:curl /usr/bin/time:time nginx:nginx-light; do
     command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
@@ -97,6 +97,9 @@ fi
 cleanup() {
     [ -n "${reg_pid:-}" ] && kill "$reg_pid" 2>/dev/null || true
     [ -n "${cap_pid:-}" ] && kill "$cap_pid" 2>/dev/null || true
+    for p in "${srv_pid:-}" "${go_pid:-}" "${gonv_pid:-}" "${ngx_master:-}"; do
+        if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi
+    done
     if [ -n "${xfs_mnt:-}" ] && mountpoint -q "$xfs_mnt"; then umount "$xfs_mnt" || true; fi
 }
 trap cleanup EXIT
@@ -228,6 +231,146 @@ for ((r = 1; r <= (runs < 3 ? runs : 3); r++)); do
 done
 kill "$cap_pid"
 cap_pid=
+fi
+
+# 9-11: cloudimg serve against nginx (sendfile on, the disk as one file) and a
+# Go net/http server in the shape of epoch's /dl/ route, all on loopback.
+# CPU and peak RSS are the server's (all its processes for nginx), read from
+# /proc around each measured command.
+if want 9 || want 10 || want 11; then
+say "scenarios 9-11: serving over HTTP"
+srv_log=$work/serve.log
+# start_serve: cloudimg serve over $work (layouts big/layout, small/layout).
+start_serve() {
+    : > "$srv_log"
+    "$bin" serve --root "$work" --listen 127.0.0.1:0 --max-connections 128 2>> "$srv_log" &
+    srv_pid=$!
+    for _ in $(seq 100); do grep -q 'listening on' "$srv_log" && break; sleep 0.05; done
+    srv=$(sed -n 's|.*listening on \(http://[0-9.:]*\)/.*|\1|p' "$srv_log" | head -n 1)
+    [ -n "$srv" ] || { echo "bench.sh: cloudimg serve did not start" >&2; cat "$srv_log" >&2; exit 1; }
+}
+stop_serve() { kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null || true; srv_pid=; }
+# ticks PID...: user+sys clock ticks of the processes.
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+# peak_kib PID...: the largest VmHWM among the processes.
+peak_kib() {
+    local m=0 p v
+    for p in "$@"; do
+        v=$(awk '/VmHWM/ {print $2}' "/proc/$p/status")
+        if ((v > m)); then m=$v; fi
+    done
+    echo "$m"
+}
+clear_peak() { local p; for p in "$@"; do echo 5 > "/proc/$p/clear_refs" 2>/dev/null || true; done; }
+# srv_run SCENARIO NAME BYTES "PIDS" CMD: wall time of CMD; CPU and peak RSS of PIDS.
+srv_run() {
+    local scenario=$1 name=$2 bytes=$3 pids=$4 cmd=$5 c0 c1 t0 t1
+    want "$scenario" || return 0
+    # shellcheck disable=SC2086
+    clear_peak $pids
+    # shellcheck disable=SC2086
+    c0=$(ticks $pids)
+    t0=$(date +%s.%N)
+    bash -c "$cmd" > "$work/srv.out" || { echo "bench.sh: $scenario/$name failed: $cmd" >&2; exit 1; }
+    t1=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    c1=$(ticks $pids)
+    # shellcheck disable=SC2086
+    printf '%s\t%s\t%s\t%s\t%s\t0\t%s\n' "$scenario" "$name" "$bytes" "$(echo "$t1 - $t0" | bc)" \
+        "$(echo "($c1 - $c0) / $(getconf CLK_TCK)" | bc -l)" "$(peak_kib $pids)" >> "$results"
+}
+# ttfb SCENARIO NAME CURL_ARGS...: time to first byte, in the wall column.
+ttfb() {
+    local scenario=$1 name=$2 t
+    shift 2
+    t=$(curl -fsS -o /dev/null -w '%{time_starttransfer}' "$@")
+    printf '%s\t%s\t%s\t%s\t-\t-\t-\n' "$scenario" "$name-ttfb" "$disk_bytes" "$t" >> "$results"
+}
+
+mkdir -p "$work/nginx"
+ngx_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/nginx/nginx.conf" <<NGINX
+user root;
+worker_processes auto;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 1024; }
+http {
+    sendfile on;
+    tcp_nopush on;
+    access_log off;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path $work/nginx;
+    proxy_temp_path $work/nginx;
+    fastcgi_temp_path $work/nginx;
+    uwsgi_temp_path $work/nginx;
+    scgi_temp_path $work/nginx;
+    server { listen 127.0.0.1:$ngx_port; root $work; location / { } }
+}
+NGINX
+nginx -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+ngx_master=$!
+ngx=http://127.0.0.1:$ngx_port
+for _ in $(seq 100); do curl -fs -o /dev/null -r 0-0 "$ngx/big/disk" && break; sleep 0.05; done
+mapfile -t ngx_pids < <(echo "$ngx_master"; pgrep -P "$ngx_master")
+"$peers/dlserve" -root "$work" > "$work/dlserve.addr" 2> "$work/dlserve.log" &
+go_pid=$!
+"$peers/dlserve" -noverify -root "$work" > "$work/dlserve-nv.addr" 2> "$work/dlserve-nv.log" &
+gonv_pid=$!
+for _ in $(seq 100); do [ -s "$work/dlserve.addr" ] && [ -s "$work/dlserve-nv.addr" ] && break; sleep 0.05; done
+gosrv=$(head -n 1 "$work/dlserve.addr")
+gonv=$(head -n 1 "$work/dlserve-nv.addr")
+small_bytes=$(stat -c %s "$work/small/disk")
+
+# Every file in the page cache before the rounds, nginx's whole-disk files too.
+cat "$work/big/disk" "$work/small/disk" > /dev/null
+if want 9 || want 10; then
+start_serve
+# Verdicts for both images before the steady-state rounds (the first GET
+# hashes beside the copy; scenario 11 measures that start separately).
+curl -fsS -o /dev/null "$srv/dl/big/layout:v1"
+cmp <(curl -fsS "$srv/dl/small/layout:v1") "$work/small/disk"
+for ((r = 1; r <= runs; r++)); do
+    say "serve round $r of $runs"
+    srv_run 9 cloudimg "$disk_bytes" "$srv_pid" "curl -fsS -o /dev/null $srv/dl/big/layout:v1"
+    srv_run 9 nginx-sendfile "$disk_bytes" "${ngx_pids[*]}" "curl -fsS -o /dev/null $ngx/big/disk"
+    srv_run 9 go-dl-shape "$disk_bytes" "$go_pid" "curl -fsS -o /dev/null $gosrv/dl/big/layout:v1"
+    srv_run 9 go-dl-shape-noverify "$disk_bytes" "$gonv_pid" "curl -fsS -o /dev/null $gonv/dl/big/layout:v1"
+    ranges=$(( 16 * 256 * 262144 ))
+    srv_run 10 cloudimg-ranges-16 "$ranges" "$srv_pid" "$peers/rangeload -c 16 -n 256 -total $disk_bytes $srv/dl/big/layout:v1"
+    srv_run 10 nginx-ranges-16 "$ranges" "${ngx_pids[*]}" "$peers/rangeload -c 16 -n 256 -total $disk_bytes $ngx/big/disk"
+    srv_run 10 cloudimg-whole-16 "$(( 16 * small_bytes ))" "$srv_pid" "$peers/rangeload -c 16 -n 1 -whole $srv/dl/small/layout:v1"
+    srv_run 10 nginx-whole-16 "$(( 16 * small_bytes ))" "${ngx_pids[*]}" "$peers/rangeload -c 16 -n 1 -whole $ngx/small/disk"
+    srv_run 10 cloudimg-ranges-64 "$(( 64 * 64 * 262144 ))" "$srv_pid" "$peers/rangeload -c 64 -n 64 -total $disk_bytes $srv/dl/big/layout:v1"
+done
+stop_serve
+fi
+
+# 11: cold start. Without verdicts, a range hashes its part before the head;
+# a whole GET streams while hashing. After a restart, the verdicts are read
+# back from the state file.
+if want 11; then
+for ((r = 1; r <= runs; r++)); do
+    rm -f "$work/.cloudimg-serve-verdicts"
+    start_serve
+    ttfb 11 unverified-range "$srv/dl/big/layout:v1" -r 0-262143
+    stop_serve
+    rm -f "$work/.cloudimg-serve-verdicts"
+    start_serve
+    ttfb 11 unverified-whole-get "$srv/dl/big/layout:v1"
+    stop_serve
+    start_serve
+    ttfb 11 verified-range-after-restart "$srv/dl/big/layout:v1" -r 0-262143
+    ttfb 11 verified-whole-get-after-restart "$srv/dl/big/layout:v1"
+    stop_serve
+    ttfb 11 nginx-range "$ngx/big/disk" -r 0-262143
+done
+fi
+kill "$go_pid" "$gonv_pid" "$ngx_master" 2>/dev/null || true
+wait "$go_pid" "$gonv_pid" "$ngx_master" 2>/dev/null || true
+go_pid= gonv_pid= ngx_master=
 fi
 
 # 4: layout -> file on XFS with reflinks; 8: sparse raw disk -> file.

@@ -58,6 +58,7 @@ enum Command {
     Get(GetArgs),
     Inspect(InspectArgs),
     Pull(PullArgs),
+    Serve(ServeArgs),
 }
 
 /// Declares a subcommand struct with the flags every command shares: the
@@ -200,6 +201,55 @@ unverified image is never committed. cocoon runs in a session of its own, withou
     }
 }
 
+/// serve a directory of OCI image layouts over HTTP: disks under /dl/NAME, a
+/// read-only registry under /v2/
+#[derive(FromArgs, Debug)]
+#[argh(
+    subcommand,
+    name = "serve",
+    note = "DIR/NAME is a layout (NAME may hold slashes). Routes: GET|HEAD /dl/NAME[:TAG|@DIGEST] \
+(the assembled disk, with Content-Length, ETag, Range), /v2/NAME/manifests/REF, \
+/v2/NAME/blobs/DIGEST, /v2/NAME/tags/list. Every blob is hashed before its bytes are sent as \
+good (a whole-disk GET streams while hashing and is cut short, never ended cleanly, if a digest \
+fails); verdicts are remembered per file identity in DIR/.cloudimg-serve-verdicts. \
+--no-verify sends without hashing: for trusted storage only. SIGINT/SIGTERM stop accepting, \
+let running responses finish for --grace seconds, then close them; exit status 0.",
+    example = "{command_name} --root /srv/images\n\
+curl -fsSL http://127.0.0.1:8080/dl/win11 | cocoon image import win11\n\
+qemu-img info http://127.0.0.1:8080/dl/win11"
+)]
+struct ServeArgs {
+    /// the directory of OCI image layouts
+    #[argh(option)]
+    root: PathBuf,
+    /// address and port to listen on (default 127.0.0.1:8080; another address
+    /// exposes the images to whoever can reach it)
+    #[argh(option, default = "String::from(\"127.0.0.1:8080\")")]
+    listen: String,
+    /// concurrent connections; more get 503 with Retry-After (default 64)
+    #[argh(option, default = "64")]
+    max_connections: usize,
+    /// send blobs without hashing them: only for storage that is trusted
+    /// (sizes are still enforced)
+    #[argh(switch)]
+    no_verify: bool,
+    /// seconds a request head may take from its first byte (default 10)
+    #[argh(option, default = "10")]
+    head_timeout: u64,
+    /// seconds a kept-alive connection may wait for its next request (default 60)
+    #[argh(option, default = "60")]
+    idle_timeout: u64,
+    /// seconds a response may go without the client taking a byte (default 60)
+    #[argh(option, default = "60")]
+    send_timeout: u64,
+    /// seconds running responses may go on after SIGINT/SIGTERM (default 10)
+    #[argh(option, default = "10")]
+    grace: u64,
+    /// the verdict file (default DIR/.cloudimg-serve-verdicts)
+    #[argh(option)]
+    state: Option<PathBuf>,
+}
+
 /// The shared flags, borrowed from whichever command has them.
 struct SourceFlags<'a> {
     platform: Option<&'a str>,
@@ -274,8 +324,25 @@ fn usage_error(command: &Command) -> Option<String> {
         }
         Command::Inspect(a) => check_source_flags(&a.source_flags()),
         Command::Pull(a) => check_source_flags(&a.source_flags()),
+        Command::Serve(a) => check_serve_flags(a),
     };
     checked.err()
+}
+
+fn check_serve_flags(a: &ServeArgs) -> std::result::Result<(), String> {
+    if a.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
+    for (flag, v) in [
+        ("--head-timeout", a.head_timeout),
+        ("--idle-timeout", a.idle_timeout),
+        ("--send-timeout", a.send_timeout),
+    ] {
+        if v == 0 {
+            return Err(format!("{flag} must be at least 1 second"));
+        }
+    }
+    Ok(())
 }
 
 /// Flags already passed [`check_source_flags`].
@@ -388,11 +455,16 @@ pub fn run(program: &str, args: &[String]) -> i32 {
         return 2;
     }
     raise_open_file_limit();
-    signals::install();
+    // serve waits for its signals on a thread of its own (a graceful stop),
+    // instead of the handler that cuts every socket at once.
+    if !matches!(cli.command, Command::Serve(_)) {
+        signals::install();
+    }
     let outcome = match cli.command {
         Command::Get(a) => get(a),
         Command::Inspect(a) => inspect(a),
         Command::Pull(a) => pull(a),
+        Command::Serve(a) => serve(a),
     };
     match outcome {
         Ok(()) => 0,
@@ -475,6 +547,22 @@ fn get(a: GetArgs) -> Result<()> {
             Err(source.explain(e))
         }
     }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let secs = Duration::from_secs;
+    crate::serve::run(crate::serve::Config {
+        root: a.root,
+        listen: a.listen,
+        max_connections: a.max_connections,
+        verify: !a.no_verify,
+        kernel: std::env::var(ENV_IO).map_or(true, |v| v != "readwrite"),
+        head_timeout: secs(a.head_timeout),
+        idle_timeout: secs(a.idle_timeout),
+        send_timeout: secs(a.send_timeout),
+        grace: secs(a.grace),
+        state: a.state,
+    })
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {

@@ -90,8 +90,9 @@ pub fn ensure_held(file: &File, label: &str) -> Result<()> {
 
 /// Wait until what was moved into the sink has left our hands: a pipe is
 /// empty (or has no reader any more), a socket has every byte acknowledged
-/// (or is closed). Files and devices hold copies, not references.
-fn wait_consumed(sink: &Sink<'_>) -> Result<()> {
+/// (or is closed). Files and devices hold copies, not references. `serve`
+/// calls it before the last bytes of every response.
+pub fn wait_consumed(sink: &Sink<'_>) -> Result<()> {
     let fd = sink.fd();
     let pending: fn(BorrowedFd<'_>) -> rustix::io::Result<u64> = match sink.kind() {
         SinkKind::Pipe => |fd| rustix::io::ioctl_fionread(fd),

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod pull;
 pub mod reference;
 pub(crate) mod route;
+pub(crate) mod serve;
 pub(crate) mod signals;
 pub mod sink;
 pub mod source;

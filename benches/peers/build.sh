@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the benchmark peers (goref, ratecap, consumer, splice_ceiling) into
-# OUT_DIR (default: target/bench-bin of the repository).
+# Build the benchmark peers (goref, ratecap, dlserve, rangeload, consumer,
+# splice_ceiling) into OUT_DIR (default: target/bench-bin of the repository).
 #
 #   benches/peers/build.sh [OUT_DIR]
 #
@@ -30,10 +30,10 @@ fi
 # Single-file programs, GOPATH mode, no module or toolchain downloads.
 export GO111MODULE=off GOFLAGS= GOPROXY=off GOTOOLCHAIN=local CGO_ENABLED=0
 export GOCACHE=$out/.go/cache GOPATH=$out/.go/path
-for prog in goref ratecap; do
+for prog in goref ratecap dlserve rangeload; do
     go build -trimpath -o "$out/$prog" "$here/$prog.go"
 done
 for prog in consumer splice_ceiling; do
     gcc -O2 -Wall -Wextra -Werror -o "$out/$prog" "$here/$prog.c"
 done
-echo "build.sh: goref ratecap consumer splice_ceiling in $out" >&2
+echo "build.sh: goref ratecap dlserve rangeload consumer splice_ceiling in $out" >&2
