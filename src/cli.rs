@@ -219,27 +219,26 @@ pub const ENV_CHUNK: &str = "CLOUDIMG_CHUNK_SIZE";
 
 /// Flag values that cannot work, found before anything runs: a usage error
 /// (exit 2), one line.
-fn check_source_flags(f: &SourceFlags<'_>) -> std::result::Result<(), String> {
+fn check_source_flags(f: &SourceFlags<'_>) -> Result<()> {
+    let usage = |m: &str| Err(Error::Usage(m.to_owned()));
     if let Some(p) = f.platform {
-        parse_platform(p).map_err(|e| e.to_string())?;
+        parse_platform(p)?;
     }
     match (f.username, f.password_stdin) {
         (Some(_), true) | (None, false) => {}
         (Some(_), false) => {
-            return Err(
-                "--username needs --password-stdin (the password is read from stdin)".into(),
-            );
+            return usage("--username needs --password-stdin (the password is read from stdin)");
         }
-        (None, true) => return Err("--password-stdin needs --username".into()),
+        (None, true) => return usage("--password-stdin needs --username"),
     }
     for m in f.mirrors {
-        check_mirror(m)?;
+        check_mirror(m).map_err(Error::Usage)?;
     }
     if f.connections == Some(0) {
-        return Err("--connections must be at least 1".into());
+        return usage("--connections must be at least 1");
     }
     if f.stall_timeout == 0 {
-        return Err("--stall-timeout must be at least 1 second".into());
+        return usage("--stall-timeout must be at least 1 second");
     }
     Ok(())
 }
@@ -255,27 +254,26 @@ fn check_mirror(m: &str) -> std::result::Result<(), String> {
     }
 }
 
-fn parse_sparse(s: &str) -> std::result::Result<Sparse, String> {
+fn parse_sparse(s: &str) -> Result<Sparse> {
     match s {
         "auto" => Ok(Sparse::Auto),
         "always" => Ok(Sparse::Always),
         "never" => Ok(Sparse::Never),
-        other => Err(format!(
+        other => Err(Error::Usage(format!(
             "--sparse {other:?}: expected auto, always or never"
-        )),
+        ))),
     }
 }
 
 /// The first usage error in the command's flag values, if any.
-fn usage_error(command: &Command) -> Option<String> {
-    let checked = match command {
+fn check_usage(command: &Command) -> Result<()> {
+    match command {
         Command::Get(a) => {
             parse_sparse(&a.sparse).and_then(|_| check_source_flags(&a.source_flags()))
         }
         Command::Inspect(a) => check_source_flags(&a.source_flags()),
         Command::Pull(a) => check_source_flags(&a.source_flags()),
-    };
-    checked.err()
+    }
 }
 
 /// Flags already passed [`check_source_flags`].
@@ -310,7 +308,7 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
             .map(str::to_owned)
             .collect();
         for m in &mirrors {
-            check_mirror(m).map_err(|e| Error::Other(format!("{ENV_MIRRORS}: {e}")))?;
+            check_mirror(m).map_err(|e| Error::Config(format!("{ENV_MIRRORS}: {e}")))?;
         }
     }
     let chunk_size = match std::env::var(ENV_CHUNK) {
@@ -318,7 +316,9 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
             .parse::<u64>()
             .ok()
             .filter(|&n| n >= 4096)
-            .ok_or_else(|| Error::Other(format!("{ENV_CHUNK}={v:?}: want a byte count >= 4096")))?,
+            .ok_or_else(|| {
+                Error::Config(format!("{ENV_CHUNK}={v:?}: want a byte count >= 4096"))
+            })?,
         Err(_) => RegistryOptions::default().chunk_size,
     };
     Ok(SourceOptions {
@@ -379,21 +379,15 @@ pub fn run(program: &str, args: &[String]) -> i32 {
             };
         }
     };
-    if let Some(message) = usage_error(&cli.command) {
-        let _ = writeln!(
-            std::io::stderr(),
-            "cloudimg: {}",
-            crate::inspect::clean(&message)
-        );
-        return 2;
-    }
-    raise_open_file_limit();
-    signals::install();
-    let outcome = match cli.command {
-        Command::Get(a) => get(a),
-        Command::Inspect(a) => inspect(a),
-        Command::Pull(a) => pull(a),
-    };
+    let outcome = check_usage(&cli.command).and_then(|()| {
+        raise_open_file_limit();
+        signals::install();
+        match cli.command {
+            Command::Get(a) => get(a),
+            Command::Inspect(a) => inspect(a),
+            Command::Pull(a) => pull(a),
+        }
+    });
     match outcome {
         Ok(()) => 0,
         Err(e) => {
@@ -447,7 +441,7 @@ fn get(a: GetArgs) -> Result<()> {
     };
     let reference = Reference::parse(&a.source)?;
     let opts = Options {
-        sparse: parse_sparse(&a.sparse).map_err(Error::Other)?,
+        sparse: parse_sparse(&a.sparse)?,
         ..options(a.no_verify)
     };
     let source = source::open(&reference, &a.source_options()?)?;

@@ -9,7 +9,7 @@ use rustix::fs::OFlags;
 
 use super::{Blob, BlobSource, IndexChoice, Resolved, choose_platform};
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SizeSeen};
 use crate::manifest::{
     ANNOTATION_REF_NAME, Descriptor, DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform,
 };
@@ -283,15 +283,7 @@ impl BlobSource for Layout {
         let what = format!("{} ({})", layer.name(), layer.digest);
         let (file, len) = self.open_file(&layer.digest, &what)?;
         if len != layer.size {
-            let how = if len < layer.size {
-                "truncated"
-            } else {
-                "oversized"
-            };
-            return Err(Error::Integrity(format!(
-                "{what}: blob is {how}: expected {} bytes, actual {len} bytes",
-                layer.size
-            )));
+            return Err(Error::blob_size(&what, layer.size, SizeSeen::File(len)));
         }
         Ok(Blob::File {
             file,

@@ -91,7 +91,7 @@ pub fn parse_platform(s: &str) -> Result<Platform> {
                 variant: variant.filter(|v| !v.is_empty()).map(str::to_owned),
             })
         }
-        _ => Err(Error::Other(format!(
+        _ => Err(Error::Usage(format!(
             "--platform {s:?}: expected OS/ARCH or OS/ARCH/VARIANT, e.g. linux/arm64"
         ))),
     }

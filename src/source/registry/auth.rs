@@ -235,7 +235,7 @@ impl CredentialStore {
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
         let config: DockerConfig = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Other(format!("{}: not a docker config: {e}", path.display())))?;
+            .map_err(|e| Error::Config(format!("{}: not a docker config: {e}", path.display())))?;
         let helper = config
             .cred_helpers
             .get(host)
@@ -258,13 +258,13 @@ impl CredentialStore {
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(|| {
-                Error::Other(format!(
+                Error::Config(format!(
                     "{}: auths.{host}.auth is not base64 of user:password",
                     path.display()
                 ))
             })?;
         let (user, pass) = decoded.split_once(':').ok_or_else(|| {
-            Error::Other(format!(
+            Error::Config(format!(
                 "{}: auths.{host}.auth is not base64 of user:password",
                 path.display()
             ))
@@ -279,7 +279,7 @@ impl CredentialStore {
 /// Ask `docker-credential-NAME get` for `host`'s credentials.
 fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
     if name.is_empty() || name.contains('/') {
-        return Err(Error::Other(format!(
+        return Err(Error::Config(format!(
             "docker config names an unusable credential helper {name:?}"
         )));
     }
@@ -293,7 +293,7 @@ fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
     {
         Ok(c) => c,
         Err(e) => {
-            return Err(Error::Other(format!(
+            return Err(Error::Config(format!(
                 "docker config names credential helper {program}, which cannot be run: {e}"
             )));
         }
@@ -309,7 +309,7 @@ fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
         return Ok(None);
     }
     let answer: HelperAnswer = serde_json::from_slice(&stdout)
-        .map_err(|_| Error::Other(format!("{program} answered something that is not JSON")))?;
+        .map_err(|_| Error::Config(format!("{program} answered something that is not JSON")))?;
     Ok(Some(Credentials {
         username: answer.username,
         password: Secret(answer.secret),

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use ureq::http::StatusCode;
 
 use super::client::{BodyKind, Client, Response, backoff, pause, redact};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SizeSeen};
 use crate::signals;
 
 /// Bytes a connection must deliver before its failure stops counting.
@@ -163,7 +163,7 @@ impl BlobFetch {
             let answer = self
                 .client
                 .get_tries(&candidate.url, &headers, &self.scope, tries, BodyKind::Blob)
-                .map_err(|e| self.labelled(e))
+                .map_err(|e| e.context(&self.label))
                 .and_then(|resp| self.accept(resp, pos, mirror.is_some()));
             match answer {
                 Ok(mut opened) => {
@@ -189,15 +189,6 @@ impl BlobFetch {
         self.sources.get(source).is_some_and(|s| s.mirror.is_some())
     }
 
-    /// Name the blob in an error of the HTTP client.
-    fn labelled(&self, e: Error) -> Error {
-        match e {
-            Error::NotFound(m) => Error::NotFound(format!("{}: {m}", self.label)),
-            Error::Other(m) => Error::Other(format!("{}: {m}", self.label)),
-            e => e,
-        }
-    }
-
     /// A mirror answered wrongly: not asked again for this blob, and said
     /// so once (not having the blob, a 404, is no fault and is not said).
     fn strike(&self, source: usize, mirror: &str, e: &Error) {
@@ -207,7 +198,7 @@ impl BlobFetch {
         }
         failed.push(source);
         drop(failed);
-        if !matches!(e, Error::NotFound(_)) {
+        if !matches!(e.root(), Error::NotFound(_)) {
             note(&format!(
                 "mirror {}: {e}; trying the next source",
                 redact(mirror.trim_end_matches('/'))
@@ -246,7 +237,7 @@ impl BlobFetch {
             if let Some(total) = total
                 && total != self.size
             {
-                return Err(size_error(label, total, self.size));
+                return Err(Error::blob_size(label, self.size, SizeSeen::Server(total)));
             }
             0
         } else {
@@ -254,7 +245,7 @@ impl BlobFetch {
             if let Some(len) = length
                 && len != self.size
             {
-                return Err(size_error(label, len, self.size));
+                return Err(Error::blob_size(label, self.size, SizeSeen::Server(len)));
             }
             pos
         };
@@ -268,17 +259,6 @@ impl BlobFetch {
             skip,
         })
     }
-}
-
-fn size_error(label: &str, server: u64, manifest: u64) -> Error {
-    let how = if server < manifest {
-        "truncated"
-    } else {
-        "oversized"
-    };
-    Error::Integrity(format!(
-        "{label}: blob is {how}: the server has {server} bytes, the manifest says {manifest}"
-    ))
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`).
@@ -488,10 +468,7 @@ impl Resumable {
                 .mirror
                 .as_deref()
                 .unwrap_or("");
-            let e = Error::Other(format!(
-                "{}: connection lost at byte {} ({e})",
-                self.fetch.label, self.pos
-            ));
+            let e = connection_lost(self.pos, &e, 0).context(&self.fetch.label);
             self.fetch.strike(from.source, mirror, &e);
             return Ok(());
         }
@@ -500,10 +477,7 @@ impl Resumable {
         }
         self.progress = 0;
         if self.failures >= self.fetch.client.retries() {
-            return Err(Error::Other(format!(
-                "{}: connection lost at byte {} ({e}); gave up after {} retries",
-                self.fetch.label, self.pos, self.failures
-            )));
+            return Err(connection_lost(self.pos, &e, self.failures).context(&self.fetch.label));
         }
         pause(backoff(self.failures, None))?;
         self.failures += 1;
@@ -511,15 +485,19 @@ impl Resumable {
     }
 }
 
-impl Read for Resumable {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_some(buf).map_err(into_io)
+/// A connection that broke at byte `pos`, after `retries` retries.
+fn connection_lost(pos: u64, e: &io::Error, retries: u32) -> Error {
+    Error::Network {
+        what: format!("connection lost at byte {pos}"),
+        cause: e.to_string(),
+        retries,
     }
 }
 
-/// Carry our error through `io::Read`; [`crate::stream`] unwraps it again.
-pub fn into_io(e: Error) -> io::Error {
-    io::Error::other(e)
+impl Read for Resumable {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(self.read_some(buf)?)
+    }
 }
 
 /// In-order delivery of concurrently fetched chunks.
@@ -765,7 +743,7 @@ impl Read for Parallel {
             drop(st);
             match result {
                 Ok(buf) => self.current = Some((buf, 0)),
-                Err(e) => return Err(into_io(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -119,7 +119,7 @@ impl Registry {
                     .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
                 let server = server.trim_end_matches('/').to_owned();
                 let origin = Origin::of(&server).map_err(|_| {
-                    Error::Other(format!("{ENV_SERVER}={} is not a URL", redact(&server)))
+                    Error::Config(format!("{ENV_SERVER}={} is not a URL", redact(&server)))
                 })?;
                 if let Some(token) = std::env::var(ENV_TOKEN).ok().filter(|t| !t.is_empty()) {
                     static_token = Some((origin, Secret::new(token)));
@@ -210,7 +210,7 @@ impl Registry {
                 Err(e @ Error::Interrupted(_)) => return Err(e),
                 Err(e) => {
                     if let Some(m) = &source.mirror
-                        && !matches!(e, Error::NotFound(_))
+                        && !matches!(e.root(), Error::NotFound(_))
                     {
                         note(&format!(
                             "mirror {}: {e}; trying the next source",
@@ -264,12 +264,10 @@ impl Registry {
             .into_reader()
             .take(MAX_MANIFEST_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| {
-                Error::Other(format!(
-                    "reading manifest from {}: {}",
-                    redact(url),
-                    body_error_text(&e)
-                ))
+            .map_err(|e| Error::Network {
+                what: format!("reading manifest from {}", redact(url)),
+                cause: body_error_text(&e),
+                retries: 0,
             })?;
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(Error::Manifest(format!(

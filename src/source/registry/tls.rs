@@ -40,7 +40,7 @@ pub fn config() -> Result<TlsConfig> {
         let before = roots.len();
         roots.extend(pem_certs(&bytes));
         if roots.len() == before {
-            return Err(Error::Other(format!(
+            return Err(Error::Config(format!(
                 "{ENV_CA_CERT}={shown} holds no PEM certificate"
             )));
         }
