@@ -56,17 +56,8 @@ pub trait Import {
 
 /// Runs the real `cocoon` binary (or `$EPOCH_COCOON_BINARY`).
 pub struct ExecCocoon {
+    /// The program to run: `cocoon` (looked up on PATH) unless told otherwise.
     pub binary: OsString,
-}
-
-impl ExecCocoon {
-    pub fn from_env() -> ExecCocoon {
-        ExecCocoon {
-            binary: std::env::var_os(ENV_COCOON)
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| "cocoon".into()),
-        }
-    }
 }
 
 impl CocoonRunner for ExecCocoon {

@@ -171,8 +171,8 @@ pub fn open(reference: &Reference, opts: &SourceOptions) -> Result<Box<dyn BlobS
             reference.to_string(),
             opts.platform.clone(),
         )?)),
-        Reference::Registry { .. } => Ok(Box::new(registry::Registry::open(
-            reference,
+        Reference::Registry(name) => Ok(Box::new(registry::Registry::open(
+            name,
             opts.platform.clone(),
             &opts.registry,
         )?)),

@@ -197,19 +197,6 @@ fn normalize_host(key: &str) -> &str {
 }
 
 impl CredentialStore {
-    /// The registry at `origin`'s credentials: `explicit` if given, else
-    /// the usual docker config (`$DOCKER_CONFIG`, else `$HOME/.docker`).
-    pub fn for_registry(origin: Origin, explicit: Option<Credentials>) -> CredentialStore {
-        let dir = std::env::var_os("DOCKER_CONFIG")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
-        CredentialStore {
-            origin: Some(origin),
-            explicit,
-            docker_config_dir: dir,
-        }
-    }
-
     /// Credentials for a request to `origin`, if the user has any: only
     /// when `origin` is the registry's own (same scheme, host and port).
     pub fn lookup(&self, origin: &Origin) -> Result<Option<Credentials>> {

@@ -12,95 +12,29 @@
 //!   `200`) would have every chunk read forward from byte 0 — quadratic — so
 //!   the first such answer turns the rest of the blob into one stream.
 //!
-//! Mirrors come first in a [`BlobFetch`]'s sources and the registry last. A
-//! mirror's wrong answer — an error status, a refused or dropped connection,
-//! a size that is not the blob's, an HTML page — is that mirror's failure: it
-//! is reported on stderr in one line naming the mirror, the mirror is not
-//! asked again for this blob, and the next source is asked. All of that is
-//! known before the first byte of the answer is read. Wrong bytes of the
-//! right size only show in the digest, after they were written: that fails
-//! the run, and [`MirrorUse`] lets the error name the mirror.
+//! Mirrors come first in a [`BlobFetch`]'s sources and the registry last
+//! (see [`super::mirrors`]).
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, Read};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ureq::http::StatusCode;
 
 use super::client::{BodyKind, Client, Response, backoff, pause, redact};
+use super::mirrors::{MirrorUse, SourceUrl, ask_in_turn, skipped};
 use crate::error::{Error, Result, SizeSeen};
 use crate::signals;
 
 /// Bytes a connection must deliver before its failure stops counting.
 const REFILL_AFTER: u64 = 1 << 20;
 
-/// One place a blob can be asked for.
-pub struct BlobUrl {
-    pub url: String,
-    /// The mirror's base URL, for a mirror; `None` for the registry.
-    pub mirror: Option<String>,
-}
-
-/// Which blobs came (wholly or in part) from which mirror, for the run: so
-/// that a digest mismatch found after the bytes were written can name the
-/// mirror they came from.
-#[derive(Default)]
-pub struct MirrorUse {
-    /// (digest, mirror base URL)
-    served: Mutex<Vec<(String, String)>>,
-}
-
-impl MirrorUse {
-    fn record(&self, digest: &str, mirror: &str) {
-        let mirror = mirror.trim_end_matches('/');
-        let mut served = self.served.lock().expect("mirror use");
-        if !served.iter().any(|(d, m)| d == digest && m == mirror) {
-            served.push((digest.to_owned(), mirror.to_owned()));
-        }
-    }
-
-    /// An integrity error about a blob that mirrors served, with the
-    /// mirrors named; any other error as it is.
-    pub fn explain(&self, e: Error) -> Error {
-        let Error::Integrity(message) = e else {
-            return e;
-        };
-        let served = self.served.lock().expect("mirror use");
-        let mirrors: Vec<String> = served
-            .iter()
-            .filter(|(d, _)| message.contains(d.as_str()))
-            .map(|(_, m)| format!("mirror {}", redact(m)))
-            .collect();
-        if mirrors.is_empty() {
-            return Error::Integrity(message);
-        }
-        Error::Integrity(format!(
-            "{message} (bytes of it came from {})",
-            mirrors.join(" and ")
-        ))
-    }
-}
-
-/// A note on stderr that does not end the run, e.g. a mirror skipped. One
-/// write, so that notes from parallel workers do not interleave; on a
-/// terminal the progress line is cleared first.
-pub fn note(line: &str) {
-    let clear = if std::io::stderr().is_terminal() {
-        "\r\x1b[K"
-    } else {
-        ""
-    };
-    let _ = std::io::stderr()
-        .lock()
-        .write_all(format!("{clear}cloudimg: {line}\n").as_bytes());
-}
-
 /// Where a blob can be fetched, and what it must be.
 pub struct BlobFetch {
     pub client: Arc<Client>,
     /// Where to ask, in order: mirrors first, the registry last.
-    pub sources: Vec<BlobUrl>,
+    pub sources: Vec<SourceUrl>,
     pub scope: String,
     pub size: u64,
     /// The blob's digest, as the manifest gives it.
@@ -153,36 +87,28 @@ impl BlobFetch {
                 .filter(|c| !failed.contains(&c.source))
                 .collect()
         };
-        let mut last_err = None;
-        let n = candidates.len();
-        for (i, candidate) in candidates.into_iter().enumerate() {
-            // Mirrors and remembered URLs get one try each; the registry,
-            // last (and never struck off), gets the whole retry budget.
-            let tries = if i + 1 == n { self.client.retries() } else { 0 };
-            let mirror = self.sources[candidate.source].mirror.as_deref();
-            let answer = self
-                .client
-                .get_tries(&candidate.url, &headers, &self.scope, tries, BodyKind::Blob)
-                .map_err(|e| e.context(&self.label))
-                .and_then(|resp| self.accept(resp, pos, mirror.is_some()));
-            match answer {
-                Ok(mut opened) => {
-                    if let Some(m) = mirror {
-                        self.mirror_use.record(&self.digest, m);
-                    }
-                    opened.from.source = candidate.source;
-                    return Ok(opened);
+        let mirror = |c: &Answered| self.sources[c.source].mirror.as_deref();
+        ask_in_turn(
+            &candidates,
+            self.client.retries(),
+            |candidate, tries| {
+                let mut opened = self
+                    .client
+                    .get_tries(&candidate.url, &headers, &self.scope, tries, BodyKind::Blob)
+                    .map_err(|e| e.context(&self.label))
+                    .and_then(|resp| self.accept(resp, pos, mirror(candidate).is_some()))?;
+                if let Some(m) = mirror(candidate) {
+                    self.mirror_use.record(&self.digest, m);
                 }
-                Err(e @ Error::Interrupted(_)) => return Err(e),
-                Err(e) => {
-                    if let Some(m) = mirror {
-                        self.strike(candidate.source, m, &e);
-                    }
-                    last_err = Some(e);
+                opened.from.source = candidate.source;
+                Ok(opened)
+            },
+            |candidate, e| {
+                if mirror(candidate).is_some() {
+                    self.strike(candidate.source, e);
                 }
-            }
-        }
-        Err(last_err.expect("at least the registry URL is a candidate"))
+            },
+        )
     }
 
     fn is_mirror(&self, source: usize) -> bool {
@@ -191,18 +117,15 @@ impl BlobFetch {
 
     /// A mirror answered wrongly: not asked again for this blob, and said
     /// so once (not having the blob, a 404, is no fault and is not said).
-    fn strike(&self, source: usize, mirror: &str, e: &Error) {
+    fn strike(&self, source: usize, e: &Error) {
         let mut failed = self.failed.lock().expect("failed sources");
         if failed.contains(&source) {
             return;
         }
         failed.push(source);
         drop(failed);
-        if !matches!(e.root(), Error::NotFound(_)) {
-            note(&format!(
-                "mirror {}: {e}; trying the next source",
-                redact(mirror.trim_end_matches('/'))
-            ));
+        if let Some(mirror) = &self.sources[source].mirror {
+            skipped(mirror, e);
         }
     }
 
@@ -464,12 +387,8 @@ impl Resumable {
         // this blob; the next source continues from the byte reached, at
         // no cost to the retry budget.
         if let Some(from) = self.url.take_if(|a| self.fetch.is_mirror(a.source)) {
-            let mirror = self.fetch.sources[from.source]
-                .mirror
-                .as_deref()
-                .unwrap_or("");
             let e = connection_lost(self.pos, &e, 0).context(&self.fetch.label);
-            self.fetch.strike(from.source, mirror, &e);
+            self.fetch.strike(from.source, &e);
             return Ok(());
         }
         if self.progress >= REFILL_AFTER {
@@ -778,24 +697,6 @@ mod tests {
         for _ in 0..1000 {
             assert!(idle.account(Duration::ZERO, 1).is_ok());
         }
-    }
-
-    #[test]
-    fn integrity_errors_name_the_mirrors_that_served_the_blob() {
-        let used = MirrorUse::default();
-        used.record("sha256:aa", "http://m1:5000/");
-        used.record("sha256:aa", "http://u:p@m2");
-        used.record("sha256:bb", "http://m3");
-        let e = used.explain(Error::Integrity("x (sha256:aa): digest mismatch".into()));
-        assert_eq!(
-            e.to_string(),
-            "x (sha256:aa): digest mismatch (bytes of it came from mirror http://m1:5000 \
-             and mirror http://***@m2)"
-        );
-        let e = used.explain(Error::Integrity("x (sha256:cc): digest mismatch".into()));
-        assert_eq!(e.to_string(), "x (sha256:cc): digest mismatch");
-        let e = used.explain(Error::Other("x (sha256:aa): gone".into()));
-        assert_eq!(e.to_string(), "x (sha256:aa): gone");
     }
 
     #[test]

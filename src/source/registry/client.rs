@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -170,6 +171,8 @@ pub struct ClientOptions {
     pub static_token: Option<(Origin, Secret)>,
     /// `--plain-http`: passwords may go over plain http off loopback too.
     pub plain_http: bool,
+    /// An extra PEM CA bundle to trust.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// A successful response.
@@ -232,7 +235,7 @@ impl Client {
             .user_agent(concat!("cloudimg/", env!("CARGO_PKG_VERSION")))
             // Large receives: a blob body is read in big pieces.
             .input_buffer_size(INPUT_BUFFER)
-            .tls_config(tls::config()?)
+            .tls_config(tls::config(opts.ca_cert.as_deref())?)
             .build();
         Ok(Client {
             agent: config.into(),
