@@ -78,7 +78,7 @@ pub enum Error {
 
 /// How a blob's size was found to differ from what its descriptor says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SizeSeen {
+pub(crate) enum SizeSeen {
     /// Its bytes ended after this many.
     EndedAfter(u64),
     /// Its bytes went on past the size.
@@ -92,7 +92,7 @@ pub enum SizeSeen {
 
 impl Error {
     /// An I/O error annotated with what was being attempted.
-    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         if source.kind() == io::ErrorKind::BrokenPipe {
             return Error::BrokenPipe(context.into());
         }
@@ -124,7 +124,7 @@ impl Error {
 
     /// A failed request that was retried `retries` times: the error says
     /// it gave up.
-    pub fn gave_up_after(mut self, retries: u32) -> Self {
+    pub(crate) fn gave_up_after(mut self, retries: u32) -> Self {
         let mut e = &mut self;
         while let Error::Context { error, .. } = e {
             e = error;
@@ -137,7 +137,7 @@ impl Error {
 
     /// A blob whose size is not `size`, as `seen`; `label` names it. The
     /// one wording of every truncated or oversized blob.
-    pub fn blob_size(label: &str, size: u64, seen: SizeSeen) -> Self {
+    pub(crate) fn blob_size(label: &str, size: u64, seen: SizeSeen) -> Self {
         let how = |actual: u64| {
             if actual < size {
                 "truncated"
@@ -163,12 +163,12 @@ impl Error {
     }
 
     /// A blob that ended after `got` of its `size` bytes.
-    pub fn truncated(label: &str, got: u64, size: u64) -> Self {
+    pub(crate) fn truncated(label: &str, got: u64, size: u64) -> Self {
         Error::blob_size(label, size, SizeSeen::EndedAfter(got))
     }
 
     /// A blob that goes on past its `size` bytes.
-    pub fn oversized(label: &str, size: u64) -> Self {
+    pub(crate) fn oversized(label: &str, size: u64) -> Self {
         Error::blob_size(label, size, SizeSeen::GoesOn)
     }
 
@@ -176,7 +176,7 @@ impl Error {
     /// `io::Read` carry this crate's own errors (which name the layer
     /// already) inside `io::Error` (see the `From` impl below); those come
     /// back out unchanged. Other I/O errors get the layer's label.
-    pub fn from_read(label: &str, e: io::Error) -> Self {
+    pub(crate) fn from_read(label: &str, e: io::Error) -> Self {
         match e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
             true => *e
                 .into_inner()
@@ -247,8 +247,8 @@ impl std::error::Error for Error {
     }
 }
 
-/// Carries this crate's error through `io::Read`; [`Error::from_read`]
-/// takes it back out.
+/// Carries this crate's error through `io::Read`; `Error::from_read` takes
+/// it back out.
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         io::Error::other(e)

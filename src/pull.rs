@@ -1,4 +1,4 @@
-//! The seed's Puller and CocoonRunner: stream an image into
+//! The Go reference's Puller and CocoonRunner: stream an image into
 //! `cocoon image import NAME`, and never let cocoon commit a disk that is not
 //! complete and verified.
 //!
@@ -12,7 +12,7 @@
 //! write end of its stdin: even our own sudden death (SIGKILL, OOM, a crash)
 //! can then never hand anything that reads the pipe a clean EOF. Waiting for
 //! cocoon after the end of the stream ends on a signal too.
-//! Error precedence is the seed's: the stream error, then the close error,
+//! Error precedence is the Go reference's: the stream error, then the close error,
 //! then the child's exit status.
 
 use std::ffi::OsString;
@@ -39,6 +39,8 @@ pub const ENV_COCOON: &str = "EPOCH_COCOON_BINARY";
 
 /// Starts an import and hands back its stdin.
 pub trait CocoonRunner {
+    /// Start `cocoon image import NAME` (or what stands in for it), its
+    /// stdin a pipe whose write end the [`Import`] holds.
     fn image_import(&self, name: &str) -> Result<Box<dyn Import>>;
 }
 
@@ -174,9 +176,11 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// The seed's Puller: a source and a way to run cocoon.
+/// The Go reference's Puller: a source and a way to run cocoon.
 pub struct Puller<'a> {
+    /// Where the image comes from.
     pub source: &'a dyn BlobSource,
+    /// How cocoon is started.
     pub cocoon: &'a dyn CocoonRunner,
 }
 

@@ -21,7 +21,9 @@ use crate::error::{Error, Result};
 pub enum Selector {
     /// Nothing given: `latest`, or for a layout the only manifest it holds.
     Default,
+    /// The manifest with this tag.
     Tag(String),
+    /// The manifest with this digest.
     Digest(Digest),
 }
 
@@ -39,7 +41,12 @@ impl fmt::Display for Selector {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reference {
     /// An OCI image layout directory.
-    Layout { dir: PathBuf, selector: Selector },
+    Layout {
+        /// The layout directory.
+        dir: PathBuf,
+        /// Which of its manifests.
+        selector: Selector,
+    },
     /// A repository in a registry.
     Registry(RegistryRef),
 }

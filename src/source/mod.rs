@@ -2,8 +2,12 @@
 //! hands out the disk layers' blobs in the richest form it has, so that the
 //! sink can pick the cheapest syscall for the pair (see [`Blob`]).
 
-pub mod layout;
-pub mod registry;
+pub(crate) mod layout;
+pub(crate) mod registry;
+
+pub use layout::select_manifest;
+pub use registry::RegistryOptions;
+pub use registry::auth::{Challenge, Credentials, Secret, parse_challenge};
 
 use std::fs::File;
 use std::io::Read;
@@ -12,7 +16,6 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{Descriptor, DiskLayer, Manifest, Platform};
 use crate::reference::Reference;
-use registry::RegistryOptions;
 
 /// A blob as a source can give it.
 pub enum Blob {
@@ -36,7 +39,10 @@ pub enum Blob {
 pub struct Resolved {
     /// The reference as given, for display.
     pub reference: String,
-    /// The manifest's raw bytes (what the digest covers).
+    /// The manifest's bytes as they were received: what the digest covers.
+    /// Kept whole because parsing and writing the manifest again would not
+    /// give them back, so whatever serves or stores the manifest (a
+    /// registry view of the image) must hand out these very bytes.
     pub bytes: Vec<u8>,
     /// The digest of `bytes`, checked against what pointed at them.
     pub digest: Digest,

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 pub struct Secret(String);
 
 impl Secret {
+    /// Keep `s` as a secret.
     pub fn new(s: impl Into<String>) -> Secret {
         Secret(s.into())
     }
@@ -47,7 +48,9 @@ impl fmt::Display for Secret {
 /// A user name and password for a registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
+    /// The user name.
     pub username: String,
+    /// The password (or an identity token).
     pub password: Secret,
 }
 
@@ -62,11 +65,16 @@ impl Credentials {
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Challenge {
+    /// Fetch a token from `realm` and send it as `Authorization: Bearer`.
     Bearer {
+        /// The token URL.
         realm: String,
+        /// The `service` to ask the token for.
         service: Option<String>,
+        /// The `scope` to ask the token for (else the repository's pull scope).
         scope: Option<String>,
     },
+    /// Send the user name and password (`Authorization: Basic`).
     Basic,
 }
 

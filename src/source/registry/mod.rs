@@ -39,7 +39,7 @@ application/vnd.docker.distribution.manifest.list.v2+json";
 #[derive(Clone, Debug)]
 pub struct RegistryOptions {
     /// The base URL of epoch-style names (`EPOCH_SERVER`; default
-    /// [`DEFAULT_SERVER`]).
+    /// `http://127.0.0.1:8080`).
     pub epoch_server: Option<String>,
     /// A bearer token sent to the `epoch_server` origin only
     /// (`EPOCH_REGISTRY_TOKEN`).
