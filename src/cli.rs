@@ -41,7 +41,8 @@ EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon fo
 DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
 CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path).\n\
 Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
-128+N after signal N (130 SIGINT, 143 SIGTERM).",
+128+N after signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM, and so on for every catchable \
+signal that would end the process).",
     example = "{command_name} inspect oci:./win11:25h2\n\
 {command_name} get oci:./win11:25h2 -o win11.qcow2\n\
 {command_name} get oci:./win11:25h2 | qemu-img convert -f qcow2 -O raw /dev/stdin disk.raw\n\

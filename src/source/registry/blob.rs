@@ -5,7 +5,8 @@
 //!   the same bytes; a `200` (a server that ignores Range) is read forward N
 //!   bytes and then continues. The caller's hash sees every byte once.
 //! - [`Parallel`]: a blob fetched as N concurrent range requests of one chunk
-//!   each into bounded, in-order buffers (at most `N + 2` chunks in memory),
+//!   each into bounded, in-order buffers (at most `N + 3` chunks in memory:
+//!   workers stay within `N + 2` chunks of the reader, which holds one more),
 //!   for object stores and CDNs that cap each connection's rate. Each chunk
 //!   resumes on its own. The caller still reads (and hashes) in order. A
 //!   server that answers a range request past byte 0 with the whole blob (a
