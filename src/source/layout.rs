@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::OFlags;
 
-use super::{Blob, BlobSource, IndexChoice, Resolved, choose_platform};
+use super::{Blob, BlobSource, IndexChoice, Resolved, check_manifest_digest, choose_platform};
 use crate::digest::Digest;
 use crate::error::{Error, Result, SizeSeen};
 use crate::manifest::{
@@ -214,12 +214,7 @@ impl Layout {
             )));
         }
         let bytes = read_capped(file, "manifest", |e| Error::io("reading manifest", e))?;
-        let actual = Digest::of(digest.algorithm(), &bytes);
-        if actual != digest {
-            return Err(Error::Integrity(format!(
-                "manifest digest mismatch: expected {digest}, actual {actual}"
-            )));
-        }
+        check_manifest_digest(&bytes, &digest, None)?;
         Ok((bytes, digest))
     }
 }

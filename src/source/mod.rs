@@ -142,6 +142,20 @@ pub fn choose_platform(index: &Manifest, wanted: Option<&Platform>) -> Result<De
         })
 }
 
+/// Check that manifest `bytes` hash to `want`; `why` says where `want`
+/// came from when that is not plain. The one wording of a manifest whose
+/// bytes are not what pointed at them.
+pub(crate) fn check_manifest_digest(bytes: &[u8], want: &Digest, why: Option<&str>) -> Result<()> {
+    let actual = Digest::of(want.algorithm(), bytes);
+    if actual == *want {
+        return Ok(());
+    }
+    let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
+    Err(Error::Integrity(format!(
+        "manifest digest mismatch: expected {want}{why}, actual {actual}"
+    )))
+}
+
 /// The Go reference's `BlobReader`, grown up: resolve a manifest, open blobs.
 pub trait BlobSource: Send + Sync {
     /// Resolve the source's reference to a manifest, verifying its digest.

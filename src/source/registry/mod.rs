@@ -16,7 +16,7 @@ use self::auth::{CredentialStore, Credentials, Secret};
 use self::blob::{BlobFetch, Parallel, Resumable};
 use self::client::{BodyKind, Client, ClientOptions, Origin, body_error_text, is_loopback, redact};
 use self::mirrors::{MirrorUse, SourceUrl, ask_in_turn, skipped};
-use super::{Blob, BlobSource, Resolved, choose_platform};
+use super::{Blob, BlobSource, Resolved, check_manifest_digest, choose_platform};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{
@@ -262,30 +262,17 @@ impl Registry {
             cause: body_error_text(&e),
             retries: 0,
         })?;
-        let alg = pinned
-            .or(claimed.as_ref())
-            .map_or(Algorithm::Sha256, Digest::algorithm);
-        let actual = Digest::of(alg, &bytes);
-        if let Some(want) = pinned
-            && *want != actual
-        {
-            return Err(Error::Integrity(format!(
-                "manifest digest mismatch: asked for {want}, the manifest sent is {actual}"
-            )));
+        if let Some(want) = pinned {
+            check_manifest_digest(&bytes, want, Some("the digest asked for"))?;
         }
-        if let Some(claim) = claimed {
-            let check = if claim.algorithm() == alg {
-                actual.clone()
-            } else {
-                Digest::of(claim.algorithm(), &bytes)
-            };
-            if claim != check {
-                return Err(Error::Integrity(format!(
-                    "manifest digest mismatch: Docker-Content-Digest says {claim}, the bytes are {check}"
-                )));
-            }
+        if let Some(claim) = &claimed {
+            check_manifest_digest(&bytes, claim, Some("Docker-Content-Digest"))?;
         }
-        Ok((bytes, actual))
+        let digest = match pinned.or(claimed.as_ref()) {
+            Some(checked) => checked.clone(),
+            None => Digest::of(Algorithm::Sha256, &bytes),
+        };
+        Ok((bytes, digest))
     }
 }
 
