@@ -2,6 +2,7 @@
 //! library, and turns the outcome into one stderr line and an exit code
 //! (0 success, 1 failure, 2 usage, 128+N after signal N).
 
+use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -14,13 +15,14 @@ use crate::inspect::Report;
 use crate::manifest::disk_plan;
 use crate::output::Target;
 use crate::progress::Progress;
-use crate::pull::{ExecCocoon, Puller};
+use crate::pull::{ENV_COCOON, ExecCocoon, Puller};
 use crate::reference::Reference;
 use crate::route::Sparse;
 use crate::sink::Sink;
-use crate::source::registry::RegistryOptions;
 use crate::source::registry::auth::{Credentials, Secret};
 use crate::source::registry::client::redact;
+use crate::source::registry::tls::ENV_CA_CERT;
+use crate::source::registry::{ENV_SERVER, RegistryOptions};
 use crate::source::{SourceOptions, parse_platform};
 use crate::stream::{self, Options};
 use crate::{signals, source};
@@ -39,7 +41,8 @@ EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon fo
 DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
 CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path).\n\
 Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
-128+N after signal N (130 SIGINT, 143 SIGTERM).",
+128+N after signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM, and so on for every catchable \
+signal that would end the process).",
     example = "{command_name} inspect oci:./win11:25h2\n\
 {command_name} get oci:./win11:25h2 -o win11.qcow2\n\
 {command_name} get oci:./win11:25h2 | qemu-img convert -f qcow2 -O raw /dev/stdin disk.raw\n\
@@ -119,8 +122,8 @@ macro_rules! with_source_flags {
                 }
             }
 
-            fn source_options(&self) -> Result<SourceOptions> {
-                source_options(self.source_flags())
+            fn source_options(&self, env: &Environment) -> Result<SourceOptions> {
+                source_options(self.source_flags(), env)
             }
         }
     };
@@ -263,33 +266,71 @@ struct SourceFlags<'a> {
 }
 
 /// Environment variable with comma-separated mirror URLs.
-pub const ENV_MIRRORS: &str = "CLOUDIMG_MIRRORS";
+const ENV_MIRRORS: &str = "CLOUDIMG_MIRRORS";
 /// Environment variable overriding the bytes per range request (tuning).
-pub const ENV_CHUNK: &str = "CLOUDIMG_CHUNK_SIZE";
+const ENV_CHUNK: &str = "CLOUDIMG_CHUNK_SIZE";
+/// Environment knob that forces the portable read/write path (for tests and
+/// benchmarks of the fallback).
+const ENV_IO: &str = "CLOUDIMG_IO";
+/// A bearer token for `EPOCH_SERVER` only.
+const ENV_TOKEN: &str = "EPOCH_REGISTRY_TOKEN";
+
+/// What the environment says, read once before anything runs: the library
+/// reads none of it, it is handed these values as options. Empty values
+/// count as unset.
+struct Environment {
+    epoch_server: Option<String>,
+    epoch_token: Option<String>,
+    ca_cert: Option<PathBuf>,
+    cocoon: Option<OsString>,
+    /// `$DOCKER_CONFIG`, else `$HOME/.docker`.
+    docker_config: Option<PathBuf>,
+    mirrors: Option<String>,
+    chunk_size: Option<String>,
+    io: Option<String>,
+}
+
+impl Environment {
+    fn read() -> Environment {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let text = |name: &str| var(name).map(|v| v.to_string_lossy().into_owned());
+        Environment {
+            epoch_server: text(ENV_SERVER),
+            epoch_token: text(ENV_TOKEN),
+            ca_cert: var(ENV_CA_CERT).map(PathBuf::from),
+            cocoon: var(ENV_COCOON),
+            docker_config: var("DOCKER_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".docker"))),
+            mirrors: text(ENV_MIRRORS),
+            chunk_size: text(ENV_CHUNK),
+            io: text(ENV_IO),
+        }
+    }
+}
 
 /// Flag values that cannot work, found before anything runs: a usage error
 /// (exit 2), one line.
-fn check_source_flags(f: &SourceFlags<'_>) -> std::result::Result<(), String> {
+fn check_source_flags(f: &SourceFlags<'_>) -> Result<()> {
+    let usage = |m: &str| Err(Error::Usage(m.to_owned()));
     if let Some(p) = f.platform {
-        parse_platform(p).map_err(|e| e.to_string())?;
+        parse_platform(p)?;
     }
     match (f.username, f.password_stdin) {
         (Some(_), true) | (None, false) => {}
         (Some(_), false) => {
-            return Err(
-                "--username needs --password-stdin (the password is read from stdin)".into(),
-            );
+            return usage("--username needs --password-stdin (the password is read from stdin)");
         }
-        (None, true) => return Err("--password-stdin needs --username".into()),
+        (None, true) => return usage("--password-stdin needs --username"),
     }
     for m in f.mirrors {
-        check_mirror(m)?;
+        check_mirror(m).map_err(Error::Usage)?;
     }
     if f.connections == Some(0) {
-        return Err("--connections must be at least 1".into());
+        return usage("--connections must be at least 1");
     }
     if f.stall_timeout == 0 {
-        return Err("--stall-timeout must be at least 1 second".into());
+        return usage("--stall-timeout must be at least 1 second");
     }
     Ok(())
 }
@@ -305,33 +346,32 @@ fn check_mirror(m: &str) -> std::result::Result<(), String> {
     }
 }
 
-fn parse_sparse(s: &str) -> std::result::Result<Sparse, String> {
+fn parse_sparse(s: &str) -> Result<Sparse> {
     match s {
         "auto" => Ok(Sparse::Auto),
         "always" => Ok(Sparse::Always),
         "never" => Ok(Sparse::Never),
-        other => Err(format!(
+        other => Err(Error::Usage(format!(
             "--sparse {other:?}: expected auto, always or never"
-        )),
+        ))),
     }
 }
 
 /// The first usage error in the command's flag values, if any.
-fn usage_error(command: &Command) -> Option<String> {
-    let checked = match command {
+fn check_usage(command: &Command) -> Result<()> {
+    match command {
         Command::Get(a) => {
             parse_sparse(&a.sparse).and_then(|_| check_source_flags(&a.source_flags()))
         }
         Command::Inspect(a) => check_source_flags(&a.source_flags()),
         Command::Pull(a) => check_source_flags(&a.source_flags()),
         Command::Serve(a) => check_serve_flags(a),
-    };
-    checked.err()
+    }
 }
 
-fn check_serve_flags(a: &ServeArgs) -> std::result::Result<(), String> {
+fn check_serve_flags(a: &ServeArgs) -> Result<()> {
     if a.max_connections == 0 {
-        return Err("--max-connections must be at least 1".into());
+        return Err(Error::Usage("--max-connections must be at least 1".into()));
     }
     for (flag, v) in [
         ("--head-timeout", a.head_timeout),
@@ -339,14 +379,14 @@ fn check_serve_flags(a: &ServeArgs) -> std::result::Result<(), String> {
         ("--send-timeout", a.send_timeout),
     ] {
         if v == 0 {
-            return Err(format!("{flag} must be at least 1 second"));
+            return Err(Error::Usage(format!("{flag} must be at least 1 second")));
         }
     }
     Ok(())
 }
 
-/// Flags already passed [`check_source_flags`].
-fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
+/// Flags already passed [`check_source_flags`], and the environment.
+fn source_options(f: SourceFlags<'_>, env: &Environment) -> Result<SourceOptions> {
     let platform = f.platform.map(parse_platform).transpose()?;
     let credentials = match f.username {
         Some(user) if f.password_stdin => {
@@ -369,28 +409,34 @@ fn source_options(f: SourceFlags<'_>) -> Result<SourceOptions> {
     };
     let mut mirrors: Vec<String> = f.mirrors.to_vec();
     if mirrors.is_empty()
-        && let Ok(env) = std::env::var(ENV_MIRRORS)
+        && let Some(listed) = &env.mirrors
     {
-        mirrors = env
+        mirrors = listed
             .split([',', ' '])
             .filter(|m| !m.is_empty())
             .map(str::to_owned)
             .collect();
         for m in &mirrors {
-            check_mirror(m).map_err(|e| Error::Other(format!("{ENV_MIRRORS}: {e}")))?;
+            check_mirror(m).map_err(|e| Error::Config(format!("{ENV_MIRRORS}: {e}")))?;
         }
     }
-    let chunk_size = match std::env::var(ENV_CHUNK) {
-        Ok(v) => v
+    let chunk_size = match &env.chunk_size {
+        Some(v) => v
             .parse::<u64>()
             .ok()
             .filter(|&n| n >= 4096)
-            .ok_or_else(|| Error::Other(format!("{ENV_CHUNK}={v:?}: want a byte count >= 4096")))?,
-        Err(_) => RegistryOptions::default().chunk_size,
+            .ok_or_else(|| {
+                Error::Config(format!("{ENV_CHUNK}={v:?}: want a byte count >= 4096"))
+            })?,
+        None => RegistryOptions::default().chunk_size,
     };
     Ok(SourceOptions {
         platform,
         registry: RegistryOptions {
+            epoch_server: env.epoch_server.clone(),
+            epoch_token: env.epoch_token.clone().map(Secret::new),
+            ca_cert: env.ca_cert.clone(),
+            docker_config: env.docker_config.clone(),
             chunk_size,
             plain_http: f.plain_http,
             credentials,
@@ -446,26 +492,21 @@ pub fn run(program: &str, args: &[String]) -> i32 {
             };
         }
     };
-    if let Some(message) = usage_error(&cli.command) {
-        let _ = writeln!(
-            std::io::stderr(),
-            "cloudimg: {}",
-            crate::inspect::clean(&message)
-        );
-        return 2;
-    }
-    raise_open_file_limit();
-    // serve waits for its signals on a thread of its own (a graceful stop),
-    // instead of the handler that cuts every socket at once.
-    if !matches!(cli.command, Command::Serve(_)) {
-        signals::install();
-    }
-    let outcome = match cli.command {
-        Command::Get(a) => get(a),
-        Command::Inspect(a) => inspect(a),
-        Command::Pull(a) => pull(a),
-        Command::Serve(a) => serve(a),
-    };
+    let env = Environment::read();
+    let outcome = check_usage(&cli.command).and_then(|()| {
+        raise_open_file_limit();
+        // serve waits for its signals on a thread of its own (a graceful
+        // stop), instead of the handler that cuts every socket at once.
+        if !matches!(cli.command, Command::Serve(_)) {
+            signals::install();
+        }
+        match cli.command {
+            Command::Get(a) => get(a, &env),
+            Command::Inspect(a) => inspect(a, &env),
+            Command::Pull(a) => pull(a, &env),
+            Command::Serve(a) => serve(a, &env),
+        }
+    });
     match outcome {
         Ok(()) => 0,
         Err(e) => {
@@ -483,14 +524,10 @@ pub fn run(program: &str, args: &[String]) -> i32 {
     }
 }
 
-/// Environment knob that forces the portable read/write path (for tests and
-/// benchmarks of the fallback).
-const ENV_IO: &str = "CLOUDIMG_IO";
-
-fn options(no_verify: bool) -> Options {
+fn options(no_verify: bool, env: &Environment) -> Options {
     Options {
         verify: !no_verify,
-        kernel_copy: std::env::var(ENV_IO).map_or(true, |v| v != "readwrite"),
+        kernel_copy: env.io.as_deref() != Some("readwrite"),
         ..Options::default()
     }
 }
@@ -503,7 +540,7 @@ fn summary(verified: bool) -> &'static str {
     }
 }
 
-fn get(a: GetArgs) -> Result<()> {
+fn get(a: GetArgs, env: &Environment) -> Result<()> {
     let stdout = std::io::stdout();
     // The output is checked before the source is touched: a name that
     // cannot be written fails before anything is fetched.
@@ -519,10 +556,10 @@ fn get(a: GetArgs) -> Result<()> {
     };
     let reference = Reference::parse(&a.source)?;
     let opts = Options {
-        sparse: parse_sparse(&a.sparse).map_err(Error::Other)?,
-        ..options(a.no_verify)
+        sparse: parse_sparse(&a.sparse)?,
+        ..options(a.no_verify, env)
     };
-    let source = source::open(&reference, &a.source_options()?)?;
+    let source = source::open(&reference, &a.source_options(env)?)?;
     let resolved = source.resolve()?;
     let plan = disk_plan(&resolved.manifest)?;
     let mut progress = Progress::new(plan.total, a.quiet);
@@ -549,14 +586,14 @@ fn get(a: GetArgs) -> Result<()> {
     }
 }
 
-fn serve(a: ServeArgs) -> Result<()> {
+fn serve(a: ServeArgs, env: &Environment) -> Result<()> {
     let secs = Duration::from_secs;
     crate::serve::run(crate::serve::Config {
         root: a.root,
         listen: a.listen,
         max_connections: a.max_connections,
         verify: !a.no_verify,
-        kernel: std::env::var(ENV_IO).map_or(true, |v| v != "readwrite"),
+        kernel: env.io.as_deref() != Some("readwrite"),
         head_timeout: secs(a.head_timeout),
         idle_timeout: secs(a.idle_timeout),
         send_timeout: secs(a.send_timeout),
@@ -565,9 +602,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     })
 }
 
-fn inspect(a: InspectArgs) -> Result<()> {
+fn inspect(a: InspectArgs, env: &Environment) -> Result<()> {
     let reference = Reference::parse(&a.source)?;
-    let source = source::open(&reference, &a.source_options()?)?;
+    let source = source::open(&reference, &a.source_options(env)?)?;
     let report = Report::new(&source.resolve()?);
     let text = if a.json {
         report.to_json() + "\n"
@@ -579,7 +616,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
         .map_err(|e| Error::io("writing the report", e))
 }
 
-fn pull(a: PullArgs) -> Result<()> {
+fn pull(a: PullArgs, env: &Environment) -> Result<()> {
     let reference = Reference::parse(&a.source)?;
     let name = a.name.clone().unwrap_or_else(|| reference.default_name());
     if name.is_empty() || name.starts_with('-') || name.chars().any(char::is_control) {
@@ -587,9 +624,11 @@ fn pull(a: PullArgs) -> Result<()> {
             "{name:?} is not a usable image name (empty, control characters or a leading '-')"
         )));
     }
-    let source = source::open(&reference, &a.source_options()?)?;
-    let cocoon = ExecCocoon::from_env();
-    let opts = options(a.no_verify);
+    let source = source::open(&reference, &a.source_options(env)?)?;
+    let cocoon = ExecCocoon {
+        binary: env.cocoon.clone().unwrap_or_else(|| "cocoon".into()),
+    };
+    let opts = options(a.no_verify, env);
     let mut progress = Progress::new(0, a.quiet);
     let puller = Puller {
         source: &*source,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +12,33 @@ use crate::error::{Error, Result};
 
 /// Largest manifest or index we accept, from a layout or a registry.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// Read a manifest or index from `r`: at most [`MAX_MANIFEST_BYTES`], a
+/// longer one refused naming `what`. A failed read is worded by `failed`.
+pub(crate) fn read_capped(
+    r: impl Read,
+    what: &str,
+    failed: impl FnOnce(io::Error) -> Error,
+) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    r.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(failed)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(too_large(what, None));
+    }
+    Ok(bytes)
+}
+
+/// A manifest or index past [`MAX_MANIFEST_BYTES`]: `len` bytes, when known.
+pub(crate) fn too_large(what: &str, len: Option<u64>) -> Error {
+    Error::Manifest(match len {
+        Some(len) => {
+            format!("{what} is {len} bytes, more than the {MAX_MANIFEST_BYTES} byte limit")
+        }
+        None => format!("{what} is larger than the {MAX_MANIFEST_BYTES} byte limit"),
+    })
+}
 
 /// An OCI image manifest.
 pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -137,11 +165,7 @@ impl Manifest {
     /// Parse manifest bytes, refusing oversized input.
     pub fn parse(bytes: &[u8]) -> Result<Manifest> {
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(Error::Manifest(format!(
-                "manifest is {} bytes, more than the {} byte limit",
-                bytes.len(),
-                MAX_MANIFEST_BYTES
-            )));
+            return Err(too_large("manifest", Some(bytes.len() as u64)));
         }
         serde_json::from_slice(bytes)
             .map_err(|e| Error::Manifest(format!("malformed manifest: {e}")))

@@ -32,12 +32,12 @@ impl Progress {
     }
 
     /// Set the total once the plan is known.
-    pub fn set_total(&mut self, total: u64) {
+    pub(crate) fn set_total(&mut self, total: u64) {
         self.total = total;
     }
 
     /// Record `n` more bytes written.
-    pub fn advance(&mut self, n: u64) {
+    pub(crate) fn advance(&mut self, n: u64) {
         self.done += n;
         if !self.live {
             return;

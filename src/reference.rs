@@ -21,7 +21,9 @@ use crate::error::{Error, Result};
 pub enum Selector {
     /// Nothing given: `latest`, or for a layout the only manifest it holds.
     Default,
+    /// The manifest with this tag.
     Tag(String),
+    /// The manifest with this digest.
     Digest(Digest),
 }
 
@@ -39,15 +41,28 @@ impl fmt::Display for Selector {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reference {
     /// An OCI image layout directory.
-    Layout { dir: PathBuf, selector: Selector },
-    /// A registry repository. `host` is `None` for epoch-style names relative
-    /// to `EPOCH_SERVER`. Both a tag and a digest may be given; the digest pins.
-    Registry {
-        host: Option<String>,
-        repository: String,
-        tag: Option<String>,
-        digest: Option<Digest>,
+    Layout {
+        /// The layout directory.
+        dir: PathBuf,
+        /// Which of its manifests.
+        selector: Selector,
     },
+    /// A repository in a registry.
+    Registry(RegistryRef),
+}
+
+/// A repository in a registry, and what is wanted of it. Both a tag and a
+/// digest may be given; the digest pins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryRef {
+    /// `HOST[:PORT]`; `None` for epoch-style names, relative to `EPOCH_SERVER`.
+    pub host: Option<String>,
+    /// The repository path (`windows/win11`).
+    pub repository: String,
+    /// The tag, when given.
+    pub tag: Option<String>,
+    /// The manifest digest, when given.
+    pub digest: Option<Digest>,
 }
 
 impl Reference {
@@ -64,10 +79,11 @@ impl Reference {
     pub fn default_name(&self) -> String {
         match self {
             Reference::Layout { dir, .. } => base_name(dir),
-            Reference::Registry { repository, .. } => repository
+            Reference::Registry(r) => r
+                .repository
                 .rsplit('/')
                 .next()
-                .unwrap_or(repository)
+                .unwrap_or(&r.repository)
                 .to_owned(),
         }
     }
@@ -79,25 +95,24 @@ impl fmt::Display for Reference {
             Reference::Layout { dir, selector } => {
                 write!(f, "oci:{}{selector}", dir.display())
             }
-            Reference::Registry {
-                host,
-                repository,
-                tag,
-                digest,
-            } => {
-                if let Some(h) = host {
-                    write!(f, "{h}/")?;
-                }
-                f.write_str(repository)?;
-                if let Some(t) = tag {
-                    write!(f, ":{t}")?;
-                }
-                if let Some(d) = digest {
-                    write!(f, "@{d}")?;
-                }
-                Ok(())
-            }
+            Reference::Registry(r) => fmt::Display::fmt(r, f),
         }
+    }
+}
+
+impl fmt::Display for RegistryRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(h) = &self.host {
+            write!(f, "{h}/")?;
+        }
+        f.write_str(&self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
     }
 }
 
@@ -245,12 +260,12 @@ fn parse_registry(s: &str) -> Result<Reference> {
     for c in repository.split('/') {
         check_component(c, s)?;
     }
-    Ok(Reference::Registry {
+    Ok(Reference::Registry(RegistryRef {
         host,
         repository: repository.to_owned(),
         tag,
         digest,
-    })
+    }))
 }
 
 /// A host, optionally with a port: DNS-ish letters, digits, `.` and `-`, or a
@@ -307,12 +322,12 @@ mod tests {
     }
 
     fn registry(host: Option<&str>, repo: &str, tag: Option<&str>, digest: bool) -> Reference {
-        Reference::Registry {
+        Reference::Registry(RegistryRef {
             host: host.map(str::to_owned),
             repository: repo.to_owned(),
             tag: tag.map(str::to_owned),
             digest: digest.then(|| format!("sha256:{HEX}").parse().unwrap()),
-        }
+        })
     }
 
     #[test]

@@ -64,22 +64,22 @@ impl<'fd> Sink<'fd> {
     }
 
     /// The output fd.
-    pub fn fd(&self) -> BorrowedFd<'fd> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'fd> {
         self.fd
     }
 
     /// What the output is.
-    pub fn kind(&self) -> SinkKind {
+    pub(crate) fn kind(&self) -> SinkKind {
         self.kind
     }
 
     /// Whether zero blocks may be skipped: a regular file written at its end.
-    pub fn can_hold_holes(&self) -> bool {
+    pub(crate) fn can_hold_holes(&self) -> bool {
         self.at_end
     }
 
     /// Whether a file on device `dev` lives on the output's file system.
-    pub fn same_file_system(&self, dev: u64) -> bool {
+    pub(crate) fn same_file_system(&self, dev: u64) -> bool {
         self.dev == Some(dev)
     }
 }

@@ -149,16 +149,10 @@ fn worker(shared: &Shared) {
                 q = shared.ready.wait(q).expect("verifier queue");
             }
         };
-        let verdict = match hash_range(
-            &job.file,
-            job.offset,
-            job.len,
-            &job.expected,
-            &shared.cancel,
-        ) {
+        let verdict = match hash_range(&job, &shared.cancel) {
             Ok(Some(actual)) => check(&job.name, &job.expected, &actual),
             Ok(None) => continue, // cancelled
-            Err(e) => Err(Error::io(format!("{}: hashing", job.name), e)),
+            Err(e) => Err(e),
         };
         if let Err(e) = verdict {
             shared.failed.store(true, Ordering::Relaxed);
@@ -176,13 +170,16 @@ fn worker(shared: &Shared) {
 /// truncated by someone else while mapped raises SIGBUS, and dying on a
 /// signal is exactly what must never happen with cocoon on the other end.)
 /// `None` if cancelled.
-fn hash_range(
-    file: &File,
-    offset: u64,
-    len: u64,
-    expected: &Digest,
-    cancel: &AtomicBool,
-) -> std::io::Result<Option<Digest>> {
+fn hash_range(job: &Job, cancel: &AtomicBool) -> Result<Option<Digest>> {
+    let Job {
+        file,
+        offset,
+        len,
+        expected,
+        name,
+        ..
+    } = job;
+    let (offset, len) = (*offset, *len);
     let mut hasher = Hasher::new(expected.algorithm());
     let mut buf = vec![0u8; usize::try_from(len).map_or(WINDOW, |l| l.min(WINDOW))];
     let mut done = 0u64;
@@ -192,15 +189,10 @@ fn hash_range(
         }
         let n = usize::try_from(len - done).map_or(WINDOW, |l| l.min(WINDOW));
         let got = match file.read_at(&mut buf[..n], offset + done) {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("blob ended after {done} of {len} bytes"),
-                ));
-            }
+            Ok(0) => return Err(Error::truncated(name, done, len)),
             Ok(got) => got,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Error::io(format!("{name}: hashing"), e)),
         };
         hasher.update(&buf[..got]);
         done += got as u64;

@@ -96,12 +96,7 @@ impl<'s, 'fd> Copier<'s, 'fd> {
                 .get(current)
                 .ok_or_else(|| Error::Other(format!("copying {what}: no way to move its bytes")))?;
             let (moved, next) = match self.step(strategy, file, offset, left) {
-                Ok(Step::Moved(0)) => {
-                    return Err(Error::Integrity(format!(
-                        "{what}: blob ended after {} of {len} bytes",
-                        len - left
-                    )));
-                }
+                Ok(Step::Moved(0)) => return Err(Error::truncated(what, len - left, len)),
                 Ok(Step::Moved(n)) => (n, false),
                 Ok(Step::Refused) => (0, true),
                 Ok(Step::MovedThenRefused(n)) => (n, true),

@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use cloudimg::source::registry::auth::{Challenge, parse_challenge};
+use cloudimg::source::{Challenge, parse_challenge};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -16,8 +16,7 @@
 use cloudimg::digest::Digest;
 use cloudimg::manifest::{ANNOTATION_REF_NAME, Descriptor, Manifest, Platform};
 use cloudimg::reference::Selector;
-use cloudimg::source::layout::select_manifest;
-use cloudimg::source::{choose_platform, host_architecture, parse_platform};
+use cloudimg::source::{choose_platform, host_architecture, parse_platform, select_manifest};
 use libfuzzer_sys::fuzz_target;
 
 const REFERENCE: &str = "oci:fuzz";

@@ -9,8 +9,8 @@
 
 #![no_main]
 
+use cloudimg::Report;
 use cloudimg::digest::{Algorithm, Digest};
-use cloudimg::inspect::Report;
 use cloudimg::manifest::{DiskPlan, Kind, Manifest, classify, disk_format, disk_plan};
 use cloudimg::source::Resolved;
 use libfuzzer_sys::fuzz_target;

@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 
 use cloudimg::digest::Digest;
-use cloudimg::reference::{Reference, Selector, check_tag};
+use cloudimg::reference::{Reference, RegistryRef, Selector, check_tag};
 use libfuzzer_sys::fuzz_target;
 
 const DIGEST: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -71,12 +71,12 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
         }
-        Reference::Registry {
+        Reference::Registry(RegistryRef {
             host,
             repository,
             tag,
             digest: pinned,
-        } => {
+        }) => {
             assert!(!repository.is_empty() && repository.len() <= 255);
             assert!(repository.split('/').all(|c| !c.is_empty()));
             if let Some(h) = host {
@@ -100,12 +100,12 @@ fuzz_target!(|data: &[u8]| {
                 if host.is_none() && repository == "oci" && tag.is_some() {
                     continue;
                 }
-                let other = Reference::Registry {
+                let other = Reference::Registry(RegistryRef {
                     host: host.clone(),
                     repository: repository.clone(),
                     tag: tag.map(str::to_owned),
                     digest: pinned,
-                };
+                });
                 assert_eq!(
                     Reference::parse(&other.to_string()).expect("re-tagged re-parses"),
                     other

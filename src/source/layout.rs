@@ -1,17 +1,18 @@
 //! An OCI image layout directory: `oci-layout`, `index.json`, `blobs/ALG/HEX`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::OFlags;
 
-use super::{Blob, BlobSource, IndexChoice, Resolved, choose_platform};
+use super::{Blob, BlobSource, IndexChoice, Resolved, check_manifest_digest, choose_platform};
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SizeSeen};
 use crate::manifest::{
     ANNOTATION_REF_NAME, Descriptor, DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform,
+    read_capped, too_large,
 };
 use crate::reference::Selector;
 
@@ -146,9 +147,7 @@ pub fn select_manifest(
     reference: &str,
 ) -> Result<Descriptor> {
     if index_json.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(Error::Manifest(format!(
-            "index.json is larger than the {MAX_MANIFEST_BYTES} byte limit"
-        )));
+        return Err(too_large("index.json", None));
     }
     let index: Manifest = serde_json::from_slice(index_json)
         .map_err(|e| Error::Manifest(format!("malformed index.json: {e}")))?;
@@ -214,30 +213,10 @@ impl Layout {
                 desc.size
             )));
         }
-        let bytes = read_capped(file, "manifest")?;
-        let actual = Digest::of(digest.algorithm(), &bytes);
-        if actual != digest {
-            return Err(Error::Integrity(format!(
-                "manifest digest mismatch: expected {digest}, actual {actual}"
-            )));
-        }
+        let bytes = read_capped(file, "manifest", |e| Error::io("reading manifest", e))?;
+        check_manifest_digest(&bytes, &digest, None)?;
         Ok((bytes, digest))
     }
-}
-
-/// Read at most [`MAX_MANIFEST_BYTES`] from `r`, refusing anything longer.
-fn read_capped(mut r: impl Read, what: &str) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    r.by_ref()
-        .take(MAX_MANIFEST_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(format!("reading {what}"), e))?;
-    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(Error::Manifest(format!(
-            "{what} is larger than the {MAX_MANIFEST_BYTES} byte limit"
-        )));
-    }
-    Ok(bytes)
 }
 
 impl BlobSource for Layout {
@@ -250,7 +229,9 @@ impl BlobSource for Layout {
                 index_path.display()
             )),
         })?;
-        let index_bytes = read_capped(index_file, "index.json")?;
+        let index_bytes = read_capped(index_file, "index.json", |e| {
+            Error::io("reading index.json", e)
+        })?;
         let desc = select_manifest(&index_bytes, &self.selector, &self.reference)?;
         let (bytes, digest) = self.read_manifest(&desc)?;
         let manifest = Manifest::parse(&bytes)?;
@@ -280,18 +261,10 @@ impl BlobSource for Layout {
     }
 
     fn open_blob(&self, layer: &DiskLayer) -> Result<Blob> {
-        let what = format!("{} ({})", layer.name(), layer.digest);
+        let what = layer.label();
         let (file, len) = self.open_file(&layer.digest, &what)?;
         if len != layer.size {
-            let how = if len < layer.size {
-                "truncated"
-            } else {
-                "oversized"
-            };
-            return Err(Error::Integrity(format!(
-                "{what}: blob is {how}: expected {} bytes, actual {len} bytes",
-                layer.size
-            )));
+            return Err(Error::blob_size(&what, layer.size, SizeSeen::File(len)));
         }
         Ok(Blob::File {
             file,

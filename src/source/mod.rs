@@ -2,8 +2,12 @@
 //! hands out the disk layers' blobs in the richest form it has, so that the
 //! sink can pick the cheapest syscall for the pair (see [`Blob`]).
 
-pub mod layout;
-pub mod registry;
+pub(crate) mod layout;
+pub(crate) mod registry;
+
+pub use layout::select_manifest;
+pub use registry::RegistryOptions;
+pub use registry::auth::{Challenge, Credentials, Secret, parse_challenge};
 
 use std::fs::File;
 use std::io::Read;
@@ -12,7 +16,6 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{Descriptor, DiskLayer, Manifest, Platform};
 use crate::reference::Reference;
-use registry::RegistryOptions;
 
 /// A blob as a source can give it.
 pub enum Blob {
@@ -36,7 +39,10 @@ pub enum Blob {
 pub struct Resolved {
     /// The reference as given, for display.
     pub reference: String,
-    /// The manifest's raw bytes (what the digest covers).
+    /// The manifest's bytes as they were received: what the digest covers.
+    /// Kept whole because parsing and writing the manifest again would not
+    /// give them back, so whatever serves or stores the manifest (a
+    /// registry view of the image) must hand out these very bytes.
     pub bytes: Vec<u8>,
     /// The digest of `bytes`, checked against what pointed at them.
     pub digest: Digest,
@@ -91,7 +97,7 @@ pub fn parse_platform(s: &str) -> Result<Platform> {
                 variant: variant.filter(|v| !v.is_empty()).map(str::to_owned),
             })
         }
-        _ => Err(Error::Other(format!(
+        _ => Err(Error::Usage(format!(
             "--platform {s:?}: expected OS/ARCH or OS/ARCH/VARIANT, e.g. linux/arm64"
         ))),
     }
@@ -136,6 +142,20 @@ pub fn choose_platform(index: &Manifest, wanted: Option<&Platform>) -> Result<De
         })
 }
 
+/// Check that manifest `bytes` hash to `want`; `why` says where `want`
+/// came from when that is not plain. The one wording of a manifest whose
+/// bytes are not what pointed at them.
+pub(crate) fn check_manifest_digest(bytes: &[u8], want: &Digest, why: Option<&str>) -> Result<()> {
+    let actual = Digest::of(want.algorithm(), bytes);
+    if actual == *want {
+        return Ok(());
+    }
+    let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
+    Err(Error::Integrity(format!(
+        "manifest digest mismatch: expected {want}{why}, actual {actual}"
+    )))
+}
+
 /// The Go reference's `BlobReader`, grown up: resolve a manifest, open blobs.
 pub trait BlobSource: Send + Sync {
     /// Resolve the source's reference to a manifest, verifying its digest.
@@ -171,8 +191,8 @@ pub fn open(reference: &Reference, opts: &SourceOptions) -> Result<Box<dyn BlobS
             reference.to_string(),
             opts.platform.clone(),
         )?)),
-        Reference::Registry { .. } => Ok(Box::new(registry::Registry::open(
-            reference,
+        Reference::Registry(name) => Ok(Box::new(registry::Registry::open(
+            name,
             opts.platform.clone(),
             &opts.registry,
         )?)),

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 pub struct Secret(String);
 
 impl Secret {
+    /// Keep `s` as a secret.
     pub fn new(s: impl Into<String>) -> Secret {
         Secret(s.into())
     }
@@ -47,7 +48,9 @@ impl fmt::Display for Secret {
 /// A user name and password for a registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
+    /// The user name.
     pub username: String,
+    /// The password (or an identity token).
     pub password: Secret,
 }
 
@@ -62,11 +65,16 @@ impl Credentials {
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Challenge {
+    /// Fetch a token from `realm` and send it as `Authorization: Bearer`.
     Bearer {
+        /// The token URL.
         realm: String,
+        /// The `service` to ask the token for.
         service: Option<String>,
+        /// The `scope` to ask the token for (else the repository's pull scope).
         scope: Option<String>,
     },
+    /// Send the user name and password (`Authorization: Basic`).
     Basic,
 }
 
@@ -197,19 +205,6 @@ fn normalize_host(key: &str) -> &str {
 }
 
 impl CredentialStore {
-    /// The registry at `origin`'s credentials: `explicit` if given, else
-    /// the usual docker config (`$DOCKER_CONFIG`, else `$HOME/.docker`).
-    pub fn for_registry(origin: Origin, explicit: Option<Credentials>) -> CredentialStore {
-        let dir = std::env::var_os("DOCKER_CONFIG")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
-        CredentialStore {
-            origin: Some(origin),
-            explicit,
-            docker_config_dir: dir,
-        }
-    }
-
     /// Credentials for a request to `origin`, if the user has any: only
     /// when `origin` is the registry's own (same scheme, host and port).
     pub fn lookup(&self, origin: &Origin) -> Result<Option<Credentials>> {
@@ -235,7 +230,7 @@ impl CredentialStore {
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
         let config: DockerConfig = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Other(format!("{}: not a docker config: {e}", path.display())))?;
+            .map_err(|e| Error::Config(format!("{}: not a docker config: {e}", path.display())))?;
         let helper = config
             .cred_helpers
             .get(host)
@@ -258,13 +253,13 @@ impl CredentialStore {
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(|| {
-                Error::Other(format!(
+                Error::Config(format!(
                     "{}: auths.{host}.auth is not base64 of user:password",
                     path.display()
                 ))
             })?;
         let (user, pass) = decoded.split_once(':').ok_or_else(|| {
-            Error::Other(format!(
+            Error::Config(format!(
                 "{}: auths.{host}.auth is not base64 of user:password",
                 path.display()
             ))
@@ -279,7 +274,7 @@ impl CredentialStore {
 /// Ask `docker-credential-NAME get` for `host`'s credentials.
 fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
     if name.is_empty() || name.contains('/') {
-        return Err(Error::Other(format!(
+        return Err(Error::Config(format!(
             "docker config names an unusable credential helper {name:?}"
         )));
     }
@@ -293,7 +288,7 @@ fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
     {
         Ok(c) => c,
         Err(e) => {
-            return Err(Error::Other(format!(
+            return Err(Error::Config(format!(
                 "docker config names credential helper {program}, which cannot be run: {e}"
             )));
         }
@@ -309,7 +304,7 @@ fn run_helper(name: &str, host: &str) -> Result<Option<Credentials>> {
         return Ok(None);
     }
     let answer: HelperAnswer = serde_json::from_slice(&stdout)
-        .map_err(|_| Error::Other(format!("{program} answered something that is not JSON")))?;
+        .map_err(|_| Error::Config(format!("{program} answered something that is not JSON")))?;
     Ok(Some(Credentials {
         username: answer.username,
         password: Secret(answer.secret),

@@ -5,102 +5,37 @@
 //!   the same bytes; a `200` (a server that ignores Range) is read forward N
 //!   bytes and then continues. The caller's hash sees every byte once.
 //! - [`Parallel`]: a blob fetched as N concurrent range requests of one chunk
-//!   each into bounded, in-order buffers (at most `N + 2` chunks in memory),
+//!   each into bounded, in-order buffers (at most `N + 3` chunks in memory:
+//!   workers stay within `N + 2` chunks of the reader, which holds one more),
 //!   for object stores and CDNs that cap each connection's rate. Each chunk
 //!   resumes on its own. The caller still reads (and hashes) in order. A
 //!   server that answers a range request past byte 0 with the whole blob (a
 //!   `200`) would have every chunk read forward from byte 0 — quadratic — so
 //!   the first such answer turns the rest of the blob into one stream.
 //!
-//! Mirrors come first in a [`BlobFetch`]'s sources and the registry last. A
-//! mirror's wrong answer — an error status, a refused or dropped connection,
-//! a size that is not the blob's, an HTML page — is that mirror's failure: it
-//! is reported on stderr in one line naming the mirror, the mirror is not
-//! asked again for this blob, and the next source is asked. All of that is
-//! known before the first byte of the answer is read. Wrong bytes of the
-//! right size only show in the digest, after they were written: that fails
-//! the run, and [`MirrorUse`] lets the error name the mirror.
+//! Mirrors come first in a [`BlobFetch`]'s sources and the registry last
+//! (see [`super::mirrors`]).
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, Read};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ureq::http::StatusCode;
 
 use super::client::{BodyKind, Client, Response, backoff, pause, redact};
-use crate::error::{Error, Result};
+use super::mirrors::{MirrorUse, SourceUrl, ask_in_turn, skipped};
+use crate::error::{Error, Result, SizeSeen};
 use crate::signals;
 
 /// Bytes a connection must deliver before its failure stops counting.
 const REFILL_AFTER: u64 = 1 << 20;
 
-/// One place a blob can be asked for.
-pub struct BlobUrl {
-    pub url: String,
-    /// The mirror's base URL, for a mirror; `None` for the registry.
-    pub mirror: Option<String>,
-}
-
-/// Which blobs came (wholly or in part) from which mirror, for the run: so
-/// that a digest mismatch found after the bytes were written can name the
-/// mirror they came from.
-#[derive(Default)]
-pub struct MirrorUse {
-    /// (digest, mirror base URL)
-    served: Mutex<Vec<(String, String)>>,
-}
-
-impl MirrorUse {
-    fn record(&self, digest: &str, mirror: &str) {
-        let mirror = mirror.trim_end_matches('/');
-        let mut served = self.served.lock().expect("mirror use");
-        if !served.iter().any(|(d, m)| d == digest && m == mirror) {
-            served.push((digest.to_owned(), mirror.to_owned()));
-        }
-    }
-
-    /// An integrity error about a blob that mirrors served, with the
-    /// mirrors named; any other error as it is.
-    pub fn explain(&self, e: Error) -> Error {
-        let Error::Integrity(message) = e else {
-            return e;
-        };
-        let served = self.served.lock().expect("mirror use");
-        let mirrors: Vec<String> = served
-            .iter()
-            .filter(|(d, _)| message.contains(d.as_str()))
-            .map(|(_, m)| format!("mirror {}", redact(m)))
-            .collect();
-        if mirrors.is_empty() {
-            return Error::Integrity(message);
-        }
-        Error::Integrity(format!(
-            "{message} (bytes of it came from {})",
-            mirrors.join(" and ")
-        ))
-    }
-}
-
-/// A note on stderr that does not end the run, e.g. a mirror skipped. One
-/// write, so that notes from parallel workers do not interleave; on a
-/// terminal the progress line is cleared first.
-pub fn note(line: &str) {
-    let clear = if std::io::stderr().is_terminal() {
-        "\r\x1b[K"
-    } else {
-        ""
-    };
-    let _ = std::io::stderr()
-        .lock()
-        .write_all(format!("{clear}cloudimg: {line}\n").as_bytes());
-}
-
 /// Where a blob can be fetched, and what it must be.
 pub struct BlobFetch {
     pub client: Arc<Client>,
     /// Where to ask, in order: mirrors first, the registry last.
-    pub sources: Vec<BlobUrl>,
+    pub sources: Vec<SourceUrl>,
     pub scope: String,
     pub size: u64,
     /// The blob's digest, as the manifest gives it.
@@ -153,65 +88,45 @@ impl BlobFetch {
                 .filter(|c| !failed.contains(&c.source))
                 .collect()
         };
-        let mut last_err = None;
-        let n = candidates.len();
-        for (i, candidate) in candidates.into_iter().enumerate() {
-            // Mirrors and remembered URLs get one try each; the registry,
-            // last (and never struck off), gets the whole retry budget.
-            let tries = if i + 1 == n { self.client.retries() } else { 0 };
-            let mirror = self.sources[candidate.source].mirror.as_deref();
-            let answer = self
-                .client
-                .get_tries(&candidate.url, &headers, &self.scope, tries, BodyKind::Blob)
-                .map_err(|e| self.labelled(e))
-                .and_then(|resp| self.accept(resp, pos, mirror.is_some()));
-            match answer {
-                Ok(mut opened) => {
-                    if let Some(m) = mirror {
-                        self.mirror_use.record(&self.digest, m);
-                    }
-                    opened.from.source = candidate.source;
-                    return Ok(opened);
+        let mirror = |c: &Answered| self.sources[c.source].mirror.as_deref();
+        ask_in_turn(
+            &candidates,
+            self.client.retries(),
+            |candidate, tries| {
+                let mut opened = self
+                    .client
+                    .get_tries(&candidate.url, &headers, &self.scope, tries, BodyKind::Blob)
+                    .map_err(|e| e.context(&self.label))
+                    .and_then(|resp| self.accept(resp, pos, mirror(candidate).is_some()))?;
+                if let Some(m) = mirror(candidate) {
+                    self.mirror_use.record(&self.digest, m);
                 }
-                Err(e @ Error::Interrupted(_)) => return Err(e),
-                Err(e) => {
-                    if let Some(m) = mirror {
-                        self.strike(candidate.source, m, &e);
-                    }
-                    last_err = Some(e);
+                opened.from.source = candidate.source;
+                Ok(opened)
+            },
+            |candidate, e| {
+                if mirror(candidate).is_some() {
+                    self.strike(candidate.source, e);
                 }
-            }
-        }
-        Err(last_err.expect("at least the registry URL is a candidate"))
+            },
+        )
     }
 
     fn is_mirror(&self, source: usize) -> bool {
         self.sources.get(source).is_some_and(|s| s.mirror.is_some())
     }
 
-    /// Name the blob in an error of the HTTP client.
-    fn labelled(&self, e: Error) -> Error {
-        match e {
-            Error::NotFound(m) => Error::NotFound(format!("{}: {m}", self.label)),
-            Error::Other(m) => Error::Other(format!("{}: {m}", self.label)),
-            e => e,
-        }
-    }
-
     /// A mirror answered wrongly: not asked again for this blob, and said
     /// so once (not having the blob, a 404, is no fault and is not said).
-    fn strike(&self, source: usize, mirror: &str, e: &Error) {
+    fn strike(&self, source: usize, e: &Error) {
         let mut failed = self.failed.lock().expect("failed sources");
         if failed.contains(&source) {
             return;
         }
         failed.push(source);
         drop(failed);
-        if !matches!(e, Error::NotFound(_)) {
-            note(&format!(
-                "mirror {}: {e}; trying the next source",
-                redact(mirror.trim_end_matches('/'))
-            ));
+        if let Some(mirror) = &self.sources[source].mirror {
+            skipped(mirror, e);
         }
     }
 
@@ -246,7 +161,7 @@ impl BlobFetch {
             if let Some(total) = total
                 && total != self.size
             {
-                return Err(size_error(label, total, self.size));
+                return Err(Error::blob_size(label, self.size, SizeSeen::Server(total)));
             }
             0
         } else {
@@ -254,7 +169,7 @@ impl BlobFetch {
             if let Some(len) = length
                 && len != self.size
             {
-                return Err(size_error(label, len, self.size));
+                return Err(Error::blob_size(label, self.size, SizeSeen::Server(len)));
             }
             pos
         };
@@ -268,17 +183,6 @@ impl BlobFetch {
             skip,
         })
     }
-}
-
-fn size_error(label: &str, server: u64, manifest: u64) -> Error {
-    let how = if server < manifest {
-        "truncated"
-    } else {
-        "oversized"
-    };
-    Error::Integrity(format!(
-        "{label}: blob is {how}: the server has {server} bytes, the manifest says {manifest}"
-    ))
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`).
@@ -484,15 +388,8 @@ impl Resumable {
         // this blob; the next source continues from the byte reached, at
         // no cost to the retry budget.
         if let Some(from) = self.url.take_if(|a| self.fetch.is_mirror(a.source)) {
-            let mirror = self.fetch.sources[from.source]
-                .mirror
-                .as_deref()
-                .unwrap_or("");
-            let e = Error::Other(format!(
-                "{}: connection lost at byte {} ({e})",
-                self.fetch.label, self.pos
-            ));
-            self.fetch.strike(from.source, mirror, &e);
+            let e = connection_lost(self.pos, &e, 0).context(&self.fetch.label);
+            self.fetch.strike(from.source, &e);
             return Ok(());
         }
         if self.progress >= REFILL_AFTER {
@@ -500,10 +397,7 @@ impl Resumable {
         }
         self.progress = 0;
         if self.failures >= self.fetch.client.retries() {
-            return Err(Error::Other(format!(
-                "{}: connection lost at byte {} ({e}); gave up after {} retries",
-                self.fetch.label, self.pos, self.failures
-            )));
+            return Err(connection_lost(self.pos, &e, self.failures).context(&self.fetch.label));
         }
         pause(backoff(self.failures, None))?;
         self.failures += 1;
@@ -511,15 +405,19 @@ impl Resumable {
     }
 }
 
-impl Read for Resumable {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_some(buf).map_err(into_io)
+/// A connection that broke at byte `pos`, after `retries` retries.
+fn connection_lost(pos: u64, e: &io::Error, retries: u32) -> Error {
+    Error::Network {
+        what: format!("connection lost at byte {pos}"),
+        cause: e.to_string(),
+        retries,
     }
 }
 
-/// Carry our error through `io::Read`; [`crate::stream`] unwraps it again.
-pub fn into_io(e: Error) -> io::Error {
-    io::Error::other(e)
+impl Read for Resumable {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(self.read_some(buf)?)
+    }
 }
 
 /// In-order delivery of concurrently fetched chunks.
@@ -765,7 +663,7 @@ impl Read for Parallel {
             drop(st);
             match result {
                 Ok(buf) => self.current = Some((buf, 0)),
-                Err(e) => return Err(into_io(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -800,24 +698,6 @@ mod tests {
         for _ in 0..1000 {
             assert!(idle.account(Duration::ZERO, 1).is_ok());
         }
-    }
-
-    #[test]
-    fn integrity_errors_name_the_mirrors_that_served_the_blob() {
-        let used = MirrorUse::default();
-        used.record("sha256:aa", "http://m1:5000/");
-        used.record("sha256:aa", "http://u:p@m2");
-        used.record("sha256:bb", "http://m3");
-        let e = used.explain(Error::Integrity("x (sha256:aa): digest mismatch".into()));
-        assert_eq!(
-            e.to_string(),
-            "x (sha256:aa): digest mismatch (bytes of it came from mirror http://m1:5000 \
-             and mirror http://***@m2)"
-        );
-        let e = used.explain(Error::Integrity("x (sha256:cc): digest mismatch".into()));
-        assert_eq!(e.to_string(), "x (sha256:cc): digest mismatch");
-        let e = used.explain(Error::Other("x (sha256:aa): gone".into()));
-        assert_eq!(e.to_string(), "x (sha256:aa): gone");
     }
 
     #[test]

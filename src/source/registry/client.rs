@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -170,6 +171,8 @@ pub struct ClientOptions {
     pub static_token: Option<(Origin, Secret)>,
     /// `--plain-http`: passwords may go over plain http off loopback too.
     pub plain_http: bool,
+    /// An extra PEM CA bundle to trust.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// A successful response.
@@ -197,18 +200,14 @@ enum Failure {
 }
 
 impl Failure {
-    /// Reword the message of an `Error::Other`, keeping the verdict.
-    fn map(self, f: impl FnOnce(String) -> String) -> Failure {
-        let reword = |e| match e {
-            Error::Other(m) => Error::Other(f(m)),
-            e => e,
-        };
+    /// The same verdict, with context added to the error.
+    fn context(self, what: &str) -> Failure {
         match self {
             Failure::Transient { error, retry_after } => Failure::Transient {
-                error: reword(error),
+                error: error.context(what),
                 retry_after,
             },
-            Failure::Fatal(e) => Failure::Fatal(reword(e)),
+            Failure::Fatal(e) => Failure::Fatal(e.context(what)),
         }
     }
 }
@@ -236,7 +235,7 @@ impl Client {
             .user_agent(concat!("cloudimg/", env!("CARGO_PKG_VERSION")))
             // Large receives: a blob body is read in big pieces.
             .input_buffer_size(INPUT_BUFFER)
-            .tls_config(tls::config()?)
+            .tls_config(tls::config(opts.ca_cert.as_deref())?)
             .build();
         Ok(Client {
             agent: config.into(),
@@ -272,12 +271,7 @@ impl Client {
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Transient { error, retry_after }) => {
                     if attempt >= retries {
-                        return Err(match error {
-                            Error::Other(m) if retries > 0 => {
-                                Error::Other(format!("{m} (gave up after {retries} retries)"))
-                            }
-                            e => e,
-                        });
+                        return Err(error.gave_up_after(retries));
                     }
                     pause(backoff(attempt, retry_after))?;
                     attempt += 1;
@@ -331,28 +325,23 @@ impl Client {
                     body,
                 });
             }
+            let refused = |detail: String| Failure::Fatal(http_error(&url, status, Some(detail)));
             if status.is_redirection() {
-                let location = header("location").ok_or_else(|| {
-                    Failure::Fatal(Error::Other(format!(
-                        "GET {}: HTTP {status} without a Location",
-                        redact(&url)
-                    )))
-                })?;
+                let location =
+                    header("location").ok_or_else(|| refused("without a Location".to_owned()))?;
                 hops += 1;
                 if hops > MAX_REDIRECTS {
-                    return Err(Failure::Fatal(Error::Other(format!(
-                        "GET {}: more than {MAX_REDIRECTS} redirects (a redirect loop?)",
-                        redact(&url)
-                    ))));
+                    return Err(refused(format!(
+                        "after more than {MAX_REDIRECTS} redirects (a redirect loop?)"
+                    )));
                 }
                 url = resolve_location(&url, location).map_err(Failure::Fatal)?;
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED && challenged.contains(&origin) {
-                return Err(Failure::Fatal(Error::Other(format!(
-                    "GET {}: HTTP 401 Unauthorized again after authenticating: access refused",
-                    redact(&url)
-                ))));
+                return Err(refused(
+                    "again after authenticating: access refused".to_owned(),
+                ));
             }
             if status == StatusCode::UNAUTHORIZED {
                 let challenge = header("www-authenticate").and_then(parse_challenge);
@@ -363,10 +352,9 @@ impl Client {
                         continue;
                     }
                     None => {
-                        return Err(Failure::Fatal(Error::Other(format!(
-                            "GET {}: HTTP 401 with no usable WWW-Authenticate challenge",
-                            redact(&url)
-                        ))));
+                        return Err(refused(
+                            "with no usable WWW-Authenticate challenge".to_owned(),
+                        ));
                     }
                 }
             }
@@ -457,33 +445,31 @@ impl Client {
                 if let Some(c) = &creds {
                     req = req.header("Authorization", c.basic_header().expose());
                 }
-                let in_realm = |f: Failure| f.map(|m| format!("token realm {realm_origin}: {m}"));
+                let in_realm = format!("token realm {realm_origin}");
                 let resp = req
                     .call()
-                    .map_err(|e| in_realm(transport_failure(&token_url, e)))?;
+                    .map_err(|e| transport_failure(&token_url, e).context(&in_realm))?;
                 let status = resp.status();
                 if !status.is_success() {
-                    let what =
+                    let failure =
                         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                            Failure::Fatal(Error::Other(format!(
-                                "token realm {realm_origin} refused the request (HTTP {status}){}",
-                                if creds.is_some() {
-                                    ": check the credentials"
-                                } else {
-                                    "; credentials may be needed"
-                                }
-                            )))
+                            let hint = if creds.is_some() {
+                                "(refused: check the credentials)"
+                            } else {
+                                "(refused: credentials may be needed)"
+                            };
+                            Failure::Fatal(http_error(&token_url, status, Some(hint.to_owned())))
                         } else {
-                            in_realm(status_failure(&token_url, status, None))
+                            status_failure(&token_url, status, None)
                         };
-                    return Err(what);
+                    return Err(failure.context(&in_realm));
                 }
                 let body = resp
                     .into_body()
                     .with_config()
                     .limit(MAX_TOKEN_BYTES)
                     .read_to_vec()
-                    .map_err(|e| in_realm(transport_failure(&token_url, e)))?;
+                    .map_err(|e| transport_failure(&token_url, e).context(&in_realm))?;
                 let token = serde_json::from_slice::<TokenResponse>(&body)
                     .ok()
                     .and_then(TokenResponse::into_token)
@@ -544,10 +530,20 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
         .map(|s| Duration::from_secs(s).min(RETRY_AFTER_MAX))
 }
 
+/// `GET url` answered with `status`.
+fn http_error(url: &str, status: StatusCode, detail: Option<String>) -> Error {
+    Error::Http {
+        url: redact(url),
+        status: status.as_u16(),
+        detail,
+        retries: 0,
+    }
+}
+
 fn status_failure(url: &str, status: StatusCode, retry_after: Option<Duration>) -> Failure {
     let error = match status {
         StatusCode::NOT_FOUND => Error::NotFound(format!("GET {}: HTTP 404", redact(url))),
-        s => Error::Other(format!("GET {}: HTTP {s}", redact(url))),
+        s => http_error(url, s, None),
     };
     let transient = matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504);
     if transient {
@@ -583,10 +579,14 @@ pub fn body_error_text(e: &std::io::Error) -> String {
 }
 
 fn transport_failure(url: &str, e: ureq::Error) -> Failure {
-    let error = Error::Other(match e {
-        ureq::Error::Timeout(t) => format!("GET {}: {}", redact(url), timeout_text(t)),
-        _ => format!("GET {}: {e}", redact(url)),
-    });
+    let error = Error::Network {
+        what: format!("GET {}", redact(url)),
+        cause: match e {
+            ureq::Error::Timeout(t) => timeout_text(t),
+            _ => e.to_string(),
+        },
+        retries: 0,
+    };
     match e {
         ureq::Error::Io(_)
         | ureq::Error::Timeout(_)

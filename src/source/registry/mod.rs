@@ -5,35 +5,50 @@
 pub mod auth;
 pub mod blob;
 pub mod client;
+pub mod mirrors;
 pub mod tls;
 
-use std::io::Read;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use self::auth::{CredentialStore, Credentials, Secret};
-use self::blob::{BlobFetch, BlobUrl, MirrorUse, Parallel, Resumable, note};
+use self::blob::{BlobFetch, Parallel, Resumable};
 use self::client::{BodyKind, Client, ClientOptions, Origin, body_error_text, is_loopback, redact};
-use super::{Blob, BlobSource, Resolved, choose_platform};
+use self::mirrors::{MirrorUse, SourceUrl, ask_in_turn, skipped};
+use super::{Blob, BlobSource, Resolved, check_manifest_digest, choose_platform};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result};
-use crate::manifest::{DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform};
-use crate::reference::Reference;
+use crate::manifest::{
+    DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform, read_capped, too_large,
+};
+use crate::reference::RegistryRef;
 
-/// Where epoch-style names (no host) live.
+/// The environment variable naming where epoch-style names (no host) live.
 pub const ENV_SERVER: &str = "EPOCH_SERVER";
+/// Where epoch-style names live when `EPOCH_SERVER` is not set.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
-/// A bearer token for `EPOCH_SERVER` only.
-pub const ENV_TOKEN: &str = "EPOCH_REGISTRY_TOKEN";
 
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// Registry settings from the command line and the environment.
+/// Registry settings from the command line and the environment (which the
+/// command line reads; the library reads none of it).
 #[derive(Clone, Debug)]
 pub struct RegistryOptions {
+    /// The base URL of epoch-style names (`EPOCH_SERVER`; default
+    /// `http://127.0.0.1:8080`).
+    pub epoch_server: Option<String>,
+    /// A bearer token sent to the `epoch_server` origin only
+    /// (`EPOCH_REGISTRY_TOKEN`).
+    pub epoch_token: Option<Secret>,
+    /// An extra PEM CA bundle trusted for HTTPS (`EPOCH_CA_CERT`).
+    pub ca_cert: Option<PathBuf>,
+    /// The directory of the docker `config.json` consulted for credentials
+    /// (`$DOCKER_CONFIG`, else `~/.docker`).
+    pub docker_config: Option<PathBuf>,
     /// Plain http even for non-loopback hosts.
     pub plain_http: bool,
     /// `--username` and the password read from stdin.
@@ -41,21 +56,27 @@ pub struct RegistryOptions {
     /// Mirrors tried in order before the registry, for blobs and by-digest
     /// manifests (base URLs speaking the same /v2 API).
     pub mirrors: Vec<String>,
+    /// Retries of a failed request or lost connection.
     pub retries: u32,
+    /// The stall bound (see `ClientOptions::stall_timeout`).
     pub stall_timeout: Duration,
     /// Concurrent range requests per blob (1 = a single stream). `None`:
     /// four, or one for a loopback registry — parallel ranges exist to get
     /// past per-connection rate caps of remote object stores and CDNs; on
     /// loopback there are none and the extra streams only cost CPU.
     pub connections: Option<usize>,
-    /// Bytes per range request. At most `connections + 2` chunks are held in
-    /// memory (24 MiB with the defaults).
+    /// Bytes per range request. At most `connections + 3` chunks are held in
+    /// memory (28 MiB with the defaults).
     pub chunk_size: u64,
 }
 
 impl Default for RegistryOptions {
     fn default() -> Self {
         RegistryOptions {
+            epoch_server: None,
+            epoch_token: None,
+            ca_cert: None,
+            docker_config: None,
             plain_http: false,
             credentials: None,
             mirrors: Vec::new(),
@@ -74,9 +95,7 @@ pub struct Registry {
     base: String,
     /// The registry's authority, as mirrors want it in `?ns=`.
     namespace: String,
-    repository: String,
-    tag: Option<String>,
-    digest: Option<Digest>,
+    name: RegistryRef,
     platform: Option<Platform>,
     reference: String,
     opts: RegistryOptions,
@@ -87,22 +106,15 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Reach the registry `name` lives in; nothing is asked of it until
+    /// [`resolve`](BlobSource::resolve).
     pub fn open(
-        reference: &Reference,
+        name: &RegistryRef,
         platform: Option<Platform>,
         opts: &RegistryOptions,
     ) -> Result<Registry> {
-        let Reference::Registry {
-            host,
-            repository,
-            tag,
-            digest,
-        } = reference
-        else {
-            unreachable!("a registry source is opened from a registry reference");
-        };
         let mut static_token = None;
-        let base = match host {
+        let base = match &name.host {
             Some(h) => {
                 let host_only = Origin::of(&format!("http://{h}/"))?;
                 let scheme = if opts.plain_http || is_loopback(host_only.host()) {
@@ -113,17 +125,12 @@ impl Registry {
                 format!("{scheme}://{h}")
             }
             None => {
-                let server = std::env::var(ENV_SERVER)
-                    .ok()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+                let server = opts.epoch_server.as_deref().unwrap_or(DEFAULT_SERVER);
                 let server = server.trim_end_matches('/').to_owned();
                 let origin = Origin::of(&server).map_err(|_| {
-                    Error::Other(format!("{ENV_SERVER}={} is not a URL", redact(&server)))
+                    Error::Config(format!("{ENV_SERVER}={} is not a URL", redact(&server)))
                 })?;
-                if let Some(token) = std::env::var(ENV_TOKEN).ok().filter(|t| !t.is_empty()) {
-                    static_token = Some((origin, Secret::new(token)));
-                }
+                static_token = opts.epoch_token.clone().map(|token| (origin, token));
                 server
             }
         };
@@ -136,23 +143,26 @@ impl Registry {
                 4
             });
         let namespace = registry_origin.authority();
-        let credentials = CredentialStore::for_registry(registry_origin, opts.credentials.clone());
+        let credentials = CredentialStore {
+            origin: Some(registry_origin),
+            explicit: opts.credentials.clone(),
+            docker_config_dir: opts.docker_config.clone(),
+        };
         let client = Client::new(ClientOptions {
             retries: opts.retries,
             stall_timeout: opts.stall_timeout,
             credentials,
             static_token,
             plain_http: opts.plain_http,
+            ca_cert: opts.ca_cert.clone(),
         })?;
         Ok(Registry {
             client: Arc::new(client),
             base,
             namespace,
-            repository: repository.clone(),
-            tag: tag.clone(),
-            digest: digest.clone(),
+            name: name.clone(),
             platform,
-            reference: reference.to_string(),
+            reference: name.to_string(),
             opts: opts.clone(),
             connections,
             mirror_use: Arc::default(),
@@ -160,29 +170,30 @@ impl Registry {
     }
 
     fn scope(&self) -> String {
-        format!("repository:{}:pull", self.repository)
+        format!("repository:{}:pull", self.name.repository)
     }
 
     /// Where to ask for a blob or manifest: the mirrors in order, then the
     /// registry.
-    fn sources(&self, kind: &str, reference: &str) -> Vec<BlobUrl> {
-        let mut sources: Vec<BlobUrl> = self
+    fn sources(&self, kind: &str, reference: &str) -> Vec<SourceUrl> {
+        let repository = &self.name.repository;
+        let mut sources: Vec<SourceUrl> = self
             .opts
             .mirrors
             .iter()
             .map(|m| {
                 let base = m.trim_end_matches('/');
-                BlobUrl {
+                SourceUrl {
                     url: format!(
-                        "{base}/v2/{}/{kind}/{reference}?ns={}",
-                        self.repository, self.namespace
+                        "{base}/v2/{repository}/{kind}/{reference}?ns={}",
+                        self.namespace
                     ),
                     mirror: Some(base.to_owned()),
                 }
             })
             .collect();
-        sources.push(BlobUrl {
-            url: format!("{}/v2/{}/{kind}/{reference}", self.base, self.repository),
+        sources.push(SourceUrl {
+            url: format!("{}/v2/{repository}/{kind}/{reference}", self.base),
             mirror: None,
         });
         sources
@@ -201,27 +212,16 @@ impl Registry {
             sources.drain(..sources.len() - 1);
         }
         let headers = [("Accept", ACCEPT.to_owned())];
-        let mut last = None;
-        let n = sources.len();
-        for (i, source) in sources.iter().enumerate() {
-            let tries = if i + 1 == n { self.client.retries() } else { 0 };
-            match self.manifest_from(&source.url, &headers, pinned, tries) {
-                Ok(found) => return Ok(found),
-                Err(e @ Error::Interrupted(_)) => return Err(e),
-                Err(e) => {
-                    if let Some(m) = &source.mirror
-                        && !matches!(e, Error::NotFound(_))
-                    {
-                        note(&format!(
-                            "mirror {}: {e}; trying the next source",
-                            redact(m)
-                        ));
-                    }
-                    last = Some(e);
+        ask_in_turn(
+            &sources,
+            self.client.retries(),
+            |source, tries| self.manifest_from(&source.url, &headers, pinned, tries),
+            |source, e| {
+                if let Some(m) = &source.mirror {
+                    skipped(m, e);
                 }
-            }
-        }
-        Err(last.expect("the registry URL is always tried"))
+            },
+        )
     }
 
     fn manifest_from(
@@ -241,15 +241,13 @@ impl Registry {
                 )),
                 e => e,
             })?;
+        let what = format!("manifest from {}", redact(url));
         if let Some(len) = resp
             .header("content-length")
             .and_then(|v| v.parse::<u64>().ok())
             && len > MAX_MANIFEST_BYTES
         {
-            return Err(Error::Manifest(format!(
-                "manifest from {} is {len} bytes, more than the {MAX_MANIFEST_BYTES} byte limit",
-                redact(url)
-            )));
+            return Err(too_large(&what, Some(len)));
         }
         let claimed = resp
             .header("docker-content-digest")
@@ -259,59 +257,33 @@ impl Registry {
                 })
             })
             .transpose()?;
-        let mut bytes = Vec::new();
-        resp.body
-            .into_reader()
-            .take(MAX_MANIFEST_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| {
-                Error::Other(format!(
-                    "reading manifest from {}: {}",
-                    redact(url),
-                    body_error_text(&e)
-                ))
-            })?;
-        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(Error::Manifest(format!(
-                "manifest from {} is larger than the {MAX_MANIFEST_BYTES} byte limit",
-                redact(url)
-            )));
+        let bytes = read_capped(resp.body.into_reader(), &what, |e| Error::Network {
+            what: format!("reading {what}"),
+            cause: body_error_text(&e),
+            retries: 0,
+        })?;
+        if let Some(want) = pinned {
+            check_manifest_digest(&bytes, want, Some("the digest asked for"))?;
         }
-        let alg = pinned
-            .or(claimed.as_ref())
-            .map_or(Algorithm::Sha256, Digest::algorithm);
-        let actual = Digest::of(alg, &bytes);
-        if let Some(want) = pinned
-            && *want != actual
-        {
-            return Err(Error::Integrity(format!(
-                "manifest digest mismatch: asked for {want}, the manifest sent is {actual}"
-            )));
+        if let Some(claim) = &claimed {
+            check_manifest_digest(&bytes, claim, Some("Docker-Content-Digest"))?;
         }
-        if let Some(claim) = claimed {
-            let check = if claim.algorithm() == alg {
-                actual.clone()
-            } else {
-                Digest::of(claim.algorithm(), &bytes)
-            };
-            if claim != check {
-                return Err(Error::Integrity(format!(
-                    "manifest digest mismatch: Docker-Content-Digest says {claim}, the bytes are {check}"
-                )));
-            }
-        }
-        Ok((bytes, actual))
+        let digest = match pinned.or(claimed.as_ref()) {
+            Some(checked) => checked.clone(),
+            None => Digest::of(Algorithm::Sha256, &bytes),
+        };
+        Ok((bytes, digest))
     }
 }
 
 impl BlobSource for Registry {
     fn resolve(&self) -> Result<Resolved> {
-        let reference = match (&self.digest, &self.tag) {
+        let reference = match (&self.name.digest, &self.name.tag) {
             (Some(d), _) => d.to_string(),
             (None, Some(t)) => t.clone(),
             (None, None) => "latest".to_owned(),
         };
-        let (bytes, digest) = self.fetch_manifest(&reference, self.digest.as_ref())?;
+        let (bytes, digest) = self.fetch_manifest(&reference, self.name.digest.as_ref())?;
         let manifest = Manifest::parse(&bytes)?;
         let top = Resolved {
             reference: self.reference.clone(),
@@ -348,7 +320,7 @@ impl BlobSource for Registry {
             sources: self.sources("blobs", &digest),
             scope: self.scope(),
             size: layer.size,
-            label: format!("{} ({})", layer.name(), layer.digest),
+            label: layer.label(),
             digest,
             mirror_use: Arc::clone(&self.mirror_use),
             failed: std::sync::Mutex::new(Vec::new()),

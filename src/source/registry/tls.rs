@@ -2,13 +2,14 @@
 //! binary (so it works in an initramfs with no /etc/ssl), the system store
 //! when there is one, and `EPOCH_CA_CERT` (a PEM file) for a private CA.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
 use crate::error::{Error, Result};
 
-/// Environment variable naming an extra PEM CA bundle.
+/// The environment variable naming an extra PEM CA bundle.
 pub const ENV_CA_CERT: &str = "EPOCH_CA_CERT";
 
 /// System bundles, first found wins (Debian/Ubuntu/Alpine, then Fedora/RHEL).
@@ -24,8 +25,9 @@ fn pem_certs(bytes: &[u8]) -> impl Iterator<Item = Certificate<'static>> + '_ {
     })
 }
 
-/// The TLS settings for the registry client.
-pub fn config() -> Result<TlsConfig> {
+/// The TLS settings for the registry client; `ca_cert` is an extra PEM
+/// bundle (`EPOCH_CA_CERT`).
+pub fn config(ca_cert: Option<&Path>) -> Result<TlsConfig> {
     let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
         .iter()
         .map(|der| Certificate::from_der(der.as_ref()))
@@ -33,14 +35,14 @@ pub fn config() -> Result<TlsConfig> {
     if let Some(bundle) = SYSTEM_BUNDLES.iter().find_map(|p| std::fs::read(p).ok()) {
         roots.extend(pem_certs(&bundle));
     }
-    if let Some(path) = std::env::var_os(ENV_CA_CERT).filter(|p| !p.is_empty()) {
-        let shown = path.to_string_lossy().into_owned();
+    if let Some(path) = ca_cert {
+        let shown = path.display();
         let bytes =
-            std::fs::read(&path).map_err(|e| Error::io(format!("{ENV_CA_CERT}={shown}"), e))?;
+            std::fs::read(path).map_err(|e| Error::io(format!("{ENV_CA_CERT}={shown}"), e))?;
         let before = roots.len();
         roots.extend(pem_certs(&bytes));
         if roots.len() == before {
-            return Err(Error::Other(format!(
+            return Err(Error::Config(format!(
                 "{ENV_CA_CERT}={shown} holds no PEM certificate"
             )));
         }
