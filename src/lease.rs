@@ -22,7 +22,7 @@
 //! the process: it is ignored, and the lease's state is asked for instead.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,11 +34,46 @@ use crate::signals;
 use crate::sink::{Sink, SinkKind};
 
 /// Take a read lease on `file` (opened read-only). `false` when the kernel
-/// refuses one; the reason does not matter, the blob is then buffered.
+/// refuses one, or when the file lives on a file system where a lease does
+/// not see every writer ([`sole_write_path`]); the blob is then buffered.
 pub fn take(file: &File) -> bool {
+    if !sole_write_path(file) {
+        return false;
+    }
     signals::ignore_lease_breaks();
     // SAFETY: fcntl on an fd we own, with integer arguments only.
     unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) == 0 }
+}
+
+/// Whether every change to `file`'s bytes must go through its inode in this
+/// kernel — an open for writing or a truncate, which break a lease. That holds
+/// for local disk and memory file systems. It does not for stacking and
+/// remote ones, though the kernel grants leases there all the same: on
+/// overlayfs the lease sits on the overlay inode while the lower or upper
+/// file can be written through its own path; on FUSE (virtiofs included) the
+/// server answers reads as it likes; on NFS, SMB, 9p or Ceph another client
+/// writes. Unknown file systems count as such.
+fn sole_write_path(file: &File) -> bool {
+    // f_type is i64 here, but its width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    rustix::fs::fstatfs(file).is_ok_and(|st| trusted_fs(st.f_type as i64))
+}
+
+/// `statfs` magic numbers of the file systems on which a lease sees every
+/// writer.
+fn trusted_fs(magic: i64) -> bool {
+    const EXT234: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    const RAMFS: i64 = 0x8584_58F6;
+    const F2FS: i64 = 0xF2F5_2010;
+    const BCACHEFS: i64 = 0xCA45_1A4E;
+    // `f_type` is signed on some targets: compare the low 32 bits.
+    matches!(
+        magic & 0xFFFF_FFFF,
+        EXT234 | XFS | BTRFS | TMPFS | RAMFS | F2FS | BCACHEFS
+    )
 }
 
 /// Whether the read lease on `file` is still held, with no break pending.
@@ -89,20 +124,18 @@ pub fn ensure_held(file: &File, label: &str) -> Result<()> {
 }
 
 /// Wait until what was moved into the sink has left our hands: a pipe is
-/// empty (or has no reader any more), a socket has every byte acknowledged
-/// (or is closed). Files and devices hold copies, not references. `serve`
-/// calls it before the last bytes of every response.
-pub fn wait_consumed(sink: &Sink<'_>) -> Result<()> {
+/// empty (or has no reader any more). Files and devices hold copies, not
+/// references; a verified blob never enters a socket on a kernel route
+/// ([`crate::route`]: a local peer acknowledges references it has not read).
+fn wait_consumed(sink: &Sink<'_>) -> Result<()> {
     let fd = sink.fd();
-    let pending: fn(BorrowedFd<'_>) -> rustix::io::Result<u64> = match sink.kind() {
-        SinkKind::Pipe => |fd| rustix::io::ioctl_fionread(fd),
-        SinkKind::Socket => socket_outq,
-        SinkKind::File | SinkKind::Other => return Ok(()),
-    };
+    if sink.kind() != SinkKind::Pipe {
+        return Ok(());
+    }
     let mut nap = Duration::from_micros(50);
     loop {
         signals::check()?;
-        match pending(fd) {
+        match rustix::io::ioctl_fionread(fd) {
             Ok(0) | Err(_) => return Ok(()),
             Ok(_) => {}
         }
@@ -118,17 +151,6 @@ pub fn wait_consumed(sink: &Sink<'_>) -> Result<()> {
         std::thread::sleep(nap);
         nap = (nap * 2).min(Duration::from_millis(10));
     }
-}
-
-/// Bytes a socket has not yet had acknowledged (TCP) or read (unix).
-fn socket_outq(fd: BorrowedFd<'_>) -> rustix::io::Result<u64> {
-    // SAFETY: SIOCOUTQ (the number of TIOCOUTQ) writes one int.
-    let getter = unsafe {
-        rustix::ioctl::Getter::<{ libc::TIOCOUTQ as rustix::ioctl::Opcode }, libc::c_int>::new()
-    };
-    // SAFETY: the getter's type matches what the kernel writes.
-    let n = unsafe { rustix::ioctl::ioctl(fd, getter) }?;
-    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -170,6 +192,27 @@ mod tests {
             e.contains("opened for writing while it was streamed"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn leases_are_trusted_only_where_every_writer_goes_through_the_inode() {
+        for local in [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994] {
+            assert!(trusted_fs(local), "{local:#x}");
+        }
+        // BTRFS_SUPER_MAGIC as a sign-extended 32-bit f_type.
+        assert!(trusted_fs(0x9123_683Ei64 as i32 as i64));
+        // overlayfs, FUSE (virtiofs), NFS, SMB2, 9p, Ceph, ZFS.
+        for stacked_or_remote in [
+            0x794C_7630,
+            0x6573_5546,
+            0x6969,
+            0xFE53_4D42,
+            0x0102_1997,
+            0x00C3_6400,
+            0x2FC1_2FC1,
+        ] {
+            assert!(!trusted_fs(stacked_or_remote), "{stacked_or_remote:#x}");
+        }
     }
 
     use std::os::unix::fs::OpenOptionsExt;

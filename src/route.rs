@@ -109,10 +109,22 @@ pub fn choose(policy: &Policy, blob: BlobKind) -> Route {
         Sparse::Auto => !same_fs,
         Sparse::Always => true,
     };
-    if !policy.kernel || scan || (policy.verify && !leased) {
+    if !policy.kernel || scan || (policy.verify && !(leased && keeps_no_pages(policy.sink))) {
         return Route::Buffered { holes };
     }
     Route::Kernel(strategies(policy.sink))
+}
+
+/// Whether a sink lets go of the blob's page-cache pages by the time we can
+/// know it has taken them, so that a lease held until then covers every read
+/// of them. Files and devices copy. A pipe holds references until its reader
+/// reads them out (`FIONREAD` tells when). A socket does not: sendfile queues
+/// references, and a peer on this host (loopback, a veth into a container)
+/// acknowledges them as soon as they sit in its receive queue, where they
+/// stay until it reads — after our lease is gone, so a writer could change
+/// what it reads. A verified blob goes into a socket through a buffer.
+fn keeps_no_pages(sink: SinkKind) -> bool {
+    sink != SinkKind::Socket
 }
 
 /// The kernel strategies for a sink, best first; each list ends in the
@@ -147,16 +159,17 @@ mod tests {
 
     #[test]
     fn leased_files_take_the_kernel_route_of_their_sink() {
-        for sink in [
-            SinkKind::Pipe,
-            SinkKind::File,
-            SinkKind::Socket,
-            SinkKind::Other,
-        ] {
+        for sink in [SinkKind::Pipe, SinkKind::File, SinkKind::Other] {
             let p = policy(sink, Sparse::Never, true, true);
             assert_eq!(choose(&p, LEASED), Route::Kernel(strategies(sink)));
             assert_eq!(strategies(sink).last(), Some(&Strategy::ReadWrite));
         }
+        // Unverified, a socket gets sendfile too.
+        let p = policy(SinkKind::Socket, Sparse::Never, true, false);
+        assert_eq!(
+            choose(&p, LEASED),
+            Route::Kernel(strategies(SinkKind::Socket))
+        );
         assert_eq!(strategies(SinkKind::Pipe)[0], Strategy::Splice);
         assert_eq!(strategies(SinkKind::File)[0], Strategy::CopyFileRange);
         assert_eq!(strategies(SinkKind::Socket)[0], Strategy::Sendfile);
@@ -174,6 +187,13 @@ mod tests {
         // Unverified, there is nothing to keep consistent.
         let p = policy(SinkKind::Pipe, Sparse::Never, true, false);
         assert!(matches!(choose(&p, unleased), Route::Kernel(_)));
+    }
+
+    #[test]
+    fn a_verified_blob_enters_a_socket_through_a_buffer_even_leased() {
+        // A local peer acknowledges page references it has not read yet.
+        let p = policy(SinkKind::Socket, Sparse::Never, true, true);
+        assert_eq!(choose(&p, LEASED), Route::Buffered { holes: false });
     }
 
     #[test]

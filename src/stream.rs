@@ -163,7 +163,15 @@ fn plan_blob(blob: Blob, policy: &Policy, sink: &Sink<'_>) -> Planned {
             let same_fs = file
                 .metadata()
                 .is_ok_and(|m| sink.same_file_system(m.dev()));
-            let leased = policy.verify && policy.kernel && lease::take(&file);
+            // Lease only a blob that a lease would put on a kernel route:
+            // a lease makes every writer that opens the file wait.
+            let would_lease = BlobKind::File {
+                same_fs,
+                leased: true,
+            };
+            let leased = policy.verify
+                && matches!(route::choose(policy, would_lease), Route::Kernel(_))
+                && lease::take(&file);
             let file = Arc::new(file);
             let opened = Opened::File { file, offset, len };
             (opened, BlobKind::File { same_fs, leased }, leased)

@@ -852,7 +852,9 @@ fn too_many_connections_get_503_with_retry_after() {
 
 #[test]
 fn a_blob_opened_for_writing_mid_transfer_aborts_the_response() {
-    let f = fixture_sized(16 << 20);
+    // Larger than what loopback socket buffers hold (tcp_rmem allows 32 MiB
+    // here): the body is still being sent when the writer comes.
+    let f = fixture_sized(96 << 20);
     let s = Serve::start(&f.root, &[]);
     let mut c = Command::new("curl")
         .args([
@@ -923,7 +925,9 @@ fn sigterm_lets_running_transfers_finish_within_the_grace_then_cuts_them() {
     let code = s.child.wait().unwrap();
     assert_eq!(code.code(), Some(0));
 
-    // Short grace: the slow transfer is cut, short of Content-Length.
+    // Short grace: the slow transfer is cut, short of Content-Length. The
+    // body is larger than what loopback socket buffers hold.
+    let f = fixture_sized(96 << 20);
     let mut s = Serve::start(&f.root, &["--grace", "1"]);
     let mut c = Command::new("curl")
         .args([

@@ -40,7 +40,7 @@ use super::verdicts::{Identity, Verdict, Verdicts, hash_file};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::lease;
-use crate::route::{self, Strategy};
+use crate::route::{self, BlobKind, Route, Strategy};
 use crate::sink::{Sink, SinkKind};
 use crate::verify::{self, Job, Verifier};
 use crate::zerocopy::{Copier, Range, pread, write_all};
@@ -252,10 +252,15 @@ impl Body {
         sent: &mut u64,
     ) -> Result<()> {
         let sink = Sink::new(sock.as_fd())?;
-        let strategies: &[Strategy] = if env.kernel {
-            route::strategies(SinkKind::Socket)
-        } else {
-            &[Strategy::ReadWrite]
+        // The one transfer decision: a verified body enters the socket
+        // through a buffer (a peer on this host acknowledges page references
+        // it has not read yet, so no lease could cover them); `--no-verify`
+        // uses sendfile.
+        let policy = route::Policy {
+            sink: SinkKind::Socket,
+            sparse: route::Sparse::Never,
+            kernel: env.kernel,
+            verify: env.verify,
         };
         let began = SystemTime::now();
         let mut verifier: Option<Verifier> = None;
@@ -298,6 +303,14 @@ impl Body {
                     offset,
                     len: now_len,
                 };
+                let blob = BlobKind::File {
+                    same_fs: false,
+                    leased: p.leased,
+                };
+                let strategies: &[Strategy] = match route::choose(&policy, blob) {
+                    Route::Kernel(strategies) => strategies,
+                    Route::Buffered { .. } => &[Strategy::ReadWrite],
+                };
                 copier.copy_range(&p.file, range, strategies, &p.label, &mut tick)?;
             }
             // The held-back part of this piece, read while the lease holds.
@@ -318,7 +331,6 @@ impl Body {
         if let Some(v) = verifier {
             v.finish()?;
         }
-        lease::wait_consumed(&sink)?;
         for p in &self.parts {
             if let Some(id) = &p.id {
                 unchanged(&p.file, p.leased, id, &p.label)?;
