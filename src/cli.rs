@@ -30,10 +30,12 @@ use crate::{signals, source};
     description = "Stream an OCI-packaged cloud image (a VM disk, often split into parts) out of an \
 OCI registry or image layout, verified, into a file, a pipe, or `cocoon image import` — with the \
 kernel doing the copying.",
-    note = "SOURCE is an OCI image layout, oci:DIR[:TAG] or oci:DIR@sha256:HEX (the tag follows \
-the last colon unless that part holds a '/': spell the tag out when DIR has a colon, \
-oci:/srv/a:b:latest), or a registry reference [HOST[:PORT]/]REPO[:TAG][@DIGEST] (no HOST: \
-relative to $EPOCH_SERVER; https except for loopback hosts and --plain-http).\n\
+    note = "SOURCE is an OCI image layout, oci:DIR[:REF] or oci:DIR@sha256:HEX; the same in a tar \
+file, oci-archive:FILE[:REF] (as skopeo writes it; read in place); or a registry reference \
+[docker://][HOST[:PORT]/]REPO[:TAG][@DIGEST] (no HOST: relative to $EPOCH_SERVER; https except \
+for loopback hosts and --plain-http). As in skopeo, DIR ends at the first colon and REF may hold \
+colons and slashes (oci:./l:127.0.0.1:5000/team/img:v1); reach a directory with a colon in its \
+name through a symlink, or by a relative path from below the colon.\n\
 Environment: EPOCH_SERVER (default http://127.0.0.1:8080), EPOCH_REGISTRY_TOKEN (bearer for \
 EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon for `pull`), \
 DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
