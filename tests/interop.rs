@@ -242,3 +242,314 @@ fn containerd_image_names_select_manifests() {
     ]));
     assert!(line.contains("docker.io/team/img:v1"), "{line}");
 }
+
+// ---- 4. classification beyond epoch's, still safe; indexes as tools write them ----
+
+/// The OCI 1.0 artifact convention, as older oras releases and the ORAS
+/// Python SDK write it (written by hand: the SDK is not installable here):
+/// no artifactType, the type in config.mediaType.
+#[test]
+fn oci_1_0_artifacts_with_the_type_in_the_config_are_cloud_images() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("l"));
+    let mut image = Image::split(&data(4000, 6), 1500);
+    image.artifact_type = None;
+    image.config_media_type = OS_IMAGE.to_owned();
+    layout.put_image(Some("v1"), &image);
+    let out = run(&["get", "-q", &layout.source("v1")]);
+    assert!(ok(&out) == expected_disk(&image));
+    let out = run(&["inspect", &layout.source("v1")]);
+    let text = String::from_utf8_lossy(ok(&out)).into_owned();
+    assert!(
+        text.contains(&format!("config type:    {OS_IMAGE}")),
+        "{text}"
+    );
+    assert!(text.contains("kind:           cloud-image"), "{text}");
+    // The windows-image type too; another artifactType still decides.
+    let mut win = image.clone();
+    win.config_media_type = "application/vnd.cocoonstack.windows-image.v1+json".to_owned();
+    layout.put_image(Some("win"), &win);
+    assert!(ok(&run(&["get", "-q", &layout.source("win")])) == expected_disk(&image));
+    let mut other = image.clone();
+    other.artifact_type = Some("application/x-other".to_owned());
+    layout.put_image(Some("other"), &other);
+    let line = failure(&run(&["get", "-q", &layout.source("other")]));
+    assert!(line.contains("is an unknown kind of artifact"), "{line}");
+}
+
+#[test]
+fn umoci_container_images_are_named_as_such() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("um");
+    let d = dir.to_str().unwrap();
+    tool("umoci", &["init", "--layout", d], "umoci");
+    tool("umoci", &["new", "--image", &format!("{d}:v1")], "umoci");
+    let line = failure(&run(&["get", "-q", &format!("oci:{d}:v1")]));
+    assert!(line.contains("is a container image"), "{line}");
+    let out = run(&["inspect", &format!("oci:{d}:v1")]);
+    let text = String::from_utf8_lossy(ok(&out)).into_owned();
+    assert!(
+        text.contains("config type:    application/vnd.oci.image.config.v1+json"),
+        "{text}"
+    );
+}
+
+/// Puts an index of `entries` (descriptor JSON) into the layout's blobs.
+fn put_index(layout: &LayoutDir, entries: Value, media_type: bool) -> (String, usize) {
+    let mut ix = json!({"schemaVersion": 2, "manifests": entries});
+    if media_type {
+        ix["mediaType"] = json!("application/vnd.oci.image.index.v1+json");
+    }
+    let bytes = serde_json::to_vec(&ix).unwrap();
+    (layout.put_blob(&bytes), bytes.len())
+}
+
+fn manifest_entry(layout: &LayoutDir, digest: &str, platform: Option<(&str, &str)>) -> Value {
+    let size = std::fs::metadata(layout.blob_path(digest)).unwrap().len();
+    let mut e = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": digest, "size": size});
+    if let Some((os, arch)) = platform {
+        e["platform"] = json!({"os": os, "architecture": arch});
+    }
+    e
+}
+
+/// Indexes as tools write them, by hand: a single-entry index without a
+/// platform around a platform index (oras and buildx write such wrappers),
+/// an index without its mediaType field (skopeo leaves it out of
+/// index.json), and nesting deeper than cloudimg follows.
+#[test]
+fn nested_and_single_entry_indexes_resolve_and_inspect_lists_platforms() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("l"));
+    let amd = Image::split(&data(3000, 7), 1000);
+    let arm = Image::split(&data(3000, 8), 1000);
+    let amd_d = layout.put_image(None, &amd);
+    let arm_d = layout.put_image(None, &arm);
+    // Reset index.json: only what the test puts there.
+    std::fs::write(
+        layout.dir.join("index.json"),
+        r#"{"schemaVersion":2,"manifests":[]}"#,
+    )
+    .unwrap();
+    let (platforms, psize) = put_index(
+        &layout,
+        json!([
+            manifest_entry(&layout, &arm_d, Some(("linux", "arm64"))),
+            manifest_entry(&layout, &amd_d, Some(("linux", "amd64"))),
+        ]),
+        false,
+    );
+    let (outer, _) = put_index(
+        &layout,
+        json!([{"mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": platforms, "size": psize}]),
+        true,
+    );
+    let outer_bytes = std::fs::read(layout.blob_path(&outer)).unwrap();
+    layout.put_manifest_bytes(
+        Some("v1"),
+        &outer_bytes,
+        "application/vnd.oci.image.index.v1+json",
+    );
+    for (platform, image, digest) in [("linux/amd64", &amd, &amd_d), ("linux/arm64", &arm, &arm_d)]
+    {
+        let src = layout.source("v1");
+        let out = run(&["get", "-q", &src, "--platform", platform]);
+        assert!(ok(&out) == expected_disk(image), "{platform}");
+        let out = run(&["inspect", &src, "--platform", platform]);
+        let text = String::from_utf8_lossy(ok(&out)).into_owned();
+        // Both levels, every platform offered, the chosen one marked.
+        assert!(text.contains(&format!("index:          {outer}")), "{text}");
+        assert!(
+            text.contains(&format!("index:          {platforms}")),
+            "{text}"
+        );
+        assert!(text.contains("chose its only entry"), "{text}");
+        assert!(text.contains(&format!("chose {platform}")), "{text}");
+        assert!(
+            text.contains("linux/arm64") && text.contains("linux/amd64"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "{digest}  application/vnd.oci.image.manifest.v1+json  <- chosen"
+            )),
+            "{text}"
+        );
+        let out = run(&["inspect", "--json", &src, "--platform", platform]);
+        let r: Value = serde_json::from_slice(ok(&out)).unwrap();
+        assert_eq!(r["index"].as_array().unwrap().len(), 2);
+        assert_eq!(r["index"][1]["chosen"], digest.as_str());
+        assert_eq!(r["index"][1]["manifests"].as_array().unwrap().len(), 2);
+        assert_eq!(r["digest"], digest.as_str());
+        assert_eq!(
+            r["size"],
+            std::fs::metadata(layout.blob_path(digest)).unwrap().len()
+        );
+    }
+    // A platform the index lacks names what it has.
+    let line = failure(&run(&[
+        "get",
+        "-q",
+        &layout.source("v1"),
+        "--platform",
+        "linux/s390x",
+    ]));
+    assert!(line.contains("linux/arm64, linux/amd64"), "{line}");
+    // Nesting past the limit is refused, not followed forever.
+    let mut inner = (outer.clone(), outer_bytes.len());
+    for _ in 0..4 {
+        inner = put_index(
+            &layout,
+            json!([{"mediaType": "application/vnd.oci.image.index.v1+json",
+                    "digest": inner.0, "size": inner.1}]),
+            true,
+        );
+    }
+    let deep = std::fs::read(layout.blob_path(&inner.0)).unwrap();
+    layout.put_manifest_bytes(
+        Some("deep"),
+        &deep,
+        "application/vnd.oci.image.index.v1+json",
+    );
+    let line = failure(&run(&["get", "-q", &layout.source("deep")]));
+    assert!(line.contains("nest more than 4 deep"), "{line}");
+}
+
+// ---- 3. oci-archive:FILE[:REF], read in place ----
+
+#[test]
+fn skopeo_oci_archives_are_read_in_place() {
+    let tmp = TempDir::new().unwrap();
+    let (src, image, digest) = cloud_layout(&tmp.path().join("src"), "v1", 9);
+    let tar = tmp.path().join("img.tar");
+    let name = "127.0.0.1:5101/team/img:v1";
+    skopeo(&[
+        "copy",
+        &src.source("v1"),
+        &format!("oci-archive:{}:{name}", tar.display()),
+    ]);
+    let src_ref = format!("oci-archive:{}:{name}", tar.display());
+    let out = run(&["get", "-q", &src_ref]);
+    assert!(ok(&out) == expected_disk(&image));
+    let out = run(&["inspect", "--json", &src_ref]);
+    let r: Value = serde_json::from_slice(ok(&out)).unwrap();
+    assert_eq!(r["digest"], digest.as_str());
+    // By digest, and into a file.
+    let dst = tmp.path().join("out.disk");
+    ok(&run(&[
+        "get",
+        "-q",
+        &format!("oci-archive:{}@{digest}", tar.display()),
+        "-o",
+        dst.to_str().unwrap(),
+    ]));
+    assert!(std::fs::read(&dst).unwrap() == expected_disk(&image));
+    // Nothing was unpacked beside the archive.
+    assert_eq!(
+        names(tmp.path()).keys().cloned().collect::<Vec<_>>(),
+        ["img.tar", "out.disk", "src"]
+    );
+}
+
+#[test]
+fn archive_blobs_move_through_the_kernel_as_ranges_of_the_tar() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("src"));
+    let image = Image::split(&data(3 << 20, 10), 1 << 20);
+    layout.put_image(Some("v1"), &image);
+    let tar = tmp.path().join("img.tar");
+    skopeo(&[
+        "copy",
+        &layout.source("v1"),
+        &format!("oci-archive:{}:v1", tar.display()),
+    ]);
+    // splice into a pipe, with an input offset inside the tar: the bytes
+    // never pass through a buffer of ours.
+    let out = Command::new("strace")
+        .args(["-f", "-e", "trace=splice", "-o"])
+        .arg(tmp.path().join("trace"))
+        .arg(env!("CARGO_BIN_EXE_cloudimg"))
+        .args(["get", "-q", &format!("oci-archive:{}:v1", tar.display())])
+        .stdin(Stdio::null())
+        .output()
+        .expect("strace must be installed (Debian: strace)");
+    assert!(ok(&out) == expected_disk(&image));
+    let trace = std::fs::read_to_string(tmp.path().join("trace")).unwrap();
+    let spliced_from_offsets = trace
+        .lines()
+        .filter(|l| l.contains("splice(") && l.contains(", ["))
+        .count();
+    assert!(spliced_from_offsets >= 3, "{trace}");
+}
+
+#[test]
+fn gnu_and_pax_tars_of_a_layout_read_and_damage_is_caught() {
+    let tmp = TempDir::new().unwrap();
+    let (layout, image, digest) = cloud_layout(&tmp.path().join("l"), "v1", 11);
+    // GNU tar writes "./" names, GNU or pax headers.
+    for format in ["gnu", "posix", "ustar"] {
+        let tar = tmp.path().join(format!("{format}.tar"));
+        tool(
+            "tar",
+            &[
+                "-C",
+                layout.dir.to_str().unwrap(),
+                &format!("--format={format}"),
+                "-cf",
+                tar.to_str().unwrap(),
+                ".",
+            ],
+            "tar",
+        );
+        let out = run(&["get", "-q", &format!("oci-archive:{}:v1", tar.display())]);
+        assert!(ok(&out) == expected_disk(&image), "{format}");
+    }
+    // A blob damaged inside the tar fails its digest, naming the layer.
+    let tar = tmp.path().join("posix.tar");
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let part = &image.layers[0].data;
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &part[..64])
+        .expect("the part is in the tar");
+    bytes[at + 100] ^= 1;
+    std::fs::write(&tar, &bytes).unwrap();
+    let line = failure(&run(&[
+        "get",
+        "-q",
+        &format!("oci-archive:{}:v1", tar.display()),
+    ]));
+    assert!(line.contains("digest mismatch"), "{line}");
+    // A truncated tar, a file that is no tar, a directory, a layout given
+    // as oci-archive: each one clear line.
+    let gnu = std::fs::read(tmp.path().join("gnu.tar")).unwrap();
+    let inside = gnu
+        .windows(64)
+        .position(|w| w == &part[..64])
+        .expect("the part is in the tar");
+    std::fs::write(tmp.path().join("cut.tar"), &gnu[..inside + 10]).unwrap();
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci-archive:{}:v1", tmp.path().join("cut.tar").display()),
+    ]));
+    assert!(line.contains("runs past the end"), "{line}");
+    std::fs::write(tmp.path().join("junk.tar"), vec![b'x'; 2048]).unwrap();
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci-archive:{}", tmp.path().join("junk.tar").display()),
+    ]));
+    assert!(line.contains("not a usable tar archive"), "{line}");
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci-archive:{}", layout.dir.display()),
+    ]));
+    assert!(line.contains("oci:DIR"), "{line}");
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci:{}", tmp.path().join("gnu.tar").display()),
+    ]));
+    assert!(line.contains("oci-archive:FILE"), "{line}");
+    let _ = digest;
+}

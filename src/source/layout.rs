@@ -408,6 +408,9 @@ fn read_capped(file: &File, offset: u64, len: u64, what: &str) -> Result<Vec<u8>
 impl BlobSource for Layout {
     fn resolve(&self) -> Result<Resolved> {
         let (index_file, offset, len) = self.open_entry("index.json").map_err(|e| match e {
+            Opened::Io(e) if e.kind() == io::ErrorKind::NotFound => {
+                Error::NotFound(format!("{} is missing", self.shown("index.json")))
+            }
             Opened::Io(e) => Error::io(format!("opening {}", self.shown("index.json")), e),
             Opened::NotRegular(kind) => Error::Manifest(format!(
                 "{} is not a regular file ({kind})",
