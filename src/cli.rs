@@ -44,10 +44,12 @@ Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage 
 128+N after signal N (130 SIGINT, 143 SIGTERM).",
     example = "{command_name} inspect oci:./win11:25h2\n\
 {command_name} get oci:./win11:25h2 -o win11.qcow2\n\
-{command_name} get oci:./win11:25h2 | qemu-img convert -f qcow2 -O raw /dev/stdin disk.raw\n\
+{command_name} get oci:./win11:25h2 -o win11.qcow2 && qemu-img convert -O raw win11.qcow2 win11.raw\n\
+{command_name} get oci:./debian:12 > /dev/sdX    # a raw disk, onto a device\n\
+{command_name} get oci-archive:./win11.tar:25h2 | ssh host 'cat > win11.qcow2'\n\
 {command_name} pull oci:./win11:25h2 --name win11\n\
 {command_name} pull windows/win11:25h2\n\
-{command_name} get ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2"
+{command_name} get docker://ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2"
 )]
 struct Cli {
     #[argh(subcommand)]

@@ -553,3 +553,133 @@ fn gnu_and_pax_tars_of_a_layout_read_and_damage_is_caught() {
     assert!(line.contains("oci-archive:FILE"), "{line}");
     let _ = digest;
 }
+
+// ---- 1. every example of --help and of README's usage block runs ----
+
+/// The example command lines of `cloudimg --help` and of README's usage block.
+fn documented_examples() -> Vec<String> {
+    let help = run(&["--help"]);
+    let help = String::from_utf8(ok(&help).to_vec()).unwrap();
+    let mut lines: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Examples:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+        .collect();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let usage = &readme[readme.find("## Usage").unwrap()..];
+    let block = &usage[usage.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    lines.extend(block.lines().map(str::to_owned));
+    lines
+}
+
+#[test]
+fn every_help_and_readme_example_runs() {
+    let tmp = TempDir::new().unwrap();
+    let cwd = tmp.path();
+    // A real (empty) qcow2, split the publisher's way: ./win11, tag 25h2.
+    let qcow2 = cwd.join("d.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            qcow2.to_str().unwrap(),
+            "16M",
+        ],
+        "qemu-utils",
+    );
+    let disk = std::fs::read(&qcow2).unwrap();
+    std::fs::remove_file(&qcow2).unwrap();
+    let win11 = Image::split(&disk, 70_000);
+    let win11_layout = LayoutDir::new(&cwd.join("win11"));
+    win11_layout.put_image(Some("25h2"), &win11);
+    // A raw disk: ./debian, tag 12.
+    let raw = data(300_000, 21);
+    let mut debian = Image::split(&raw, 100_000);
+    for l in &mut debian.layers {
+        if l.media_type == QCOW2_PART {
+            l.media_type = "application/vnd.cocoonstack.disk.raw.part".to_owned();
+        }
+    }
+    LayoutDir::new(&cwd.join("debian")).put_image(Some("12"), &debian);
+    skopeo(&[
+        "copy",
+        &format!("oci:{}:25h2", cwd.join("win11").display()),
+        &format!("oci-archive:{}:25h2", cwd.join("win11.tar").display()),
+    ]);
+    // The registry examples: a local registry stands for every host.
+    let reg = common::registry::Registry::start();
+    reg.push_image("windows/win11", "25h2", &win11);
+    let (img_digest, _) = reg.push_image("img", "v1", &win11);
+    let arm = Image::split(&disk, 50_000);
+    let amd = Image::split(&data(1000, 22), 500);
+    for repo in ["org/ubuntu", "org/img"] {
+        let a = reg.push_image(repo, "arm64", &arm);
+        let b = reg.push_image(repo, "amd64", &amd);
+        let tag = if repo == "org/ubuntu" { "24.04" } else { "v1" };
+        reg.push_index(
+            repo,
+            tag,
+            &[(a.0, a.1, "linux", "arm64"), (b.0, b.1, "linux", "amd64")],
+        );
+    }
+    let bin_dir = cwd.join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_cloudimg"), bin_dir.join("cloudimg")).unwrap();
+    let store = cwd.join("store");
+    std::fs::create_dir(&store).unwrap();
+
+    let examples = documented_examples();
+    assert!(examples.len() >= 20, "{examples:?}");
+    for line in &examples {
+        assert!(
+            !line.contains("/dev/stdin") && !line.contains("qemu-img dd"),
+            "{line}"
+        );
+        // Placeholders: the registry host, the digest, the device, the remote host.
+        let cmd = line
+            .replace("ghcr.io", &reg.host())
+            .replace("localhost:5000", &reg.host())
+            .replace("sha256:…", &img_digest)
+            .replace("/dev/sdX", "sdX")
+            .replace("ssh host ", "sh -c ");
+        let out = Command::new("sh")
+            .args(["-c", &cmd])
+            .current_dir(cwd)
+            .env(
+                "PATH",
+                format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+            )
+            .env("EPOCH_SERVER", reg.url())
+            .env("EPOCH_COCOON_BINARY", standin())
+            .env("COCOON_STANDIN_DIR", &store)
+            .env("DOCKER_CONFIG", "/nonexistent")
+            .env_remove("CLOUDIMG_IO")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{line}\n  ran as: {cmd}\n  {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // What they made is what they promise.
+    let disk_of = |name: &str| std::fs::read(cwd.join(name)).unwrap();
+    assert!(disk_of("win11.qcow2") == disk);
+    assert!(disk_of("disk.qcow2") == disk);
+    assert!(disk_of("sdX") == raw);
+    assert!(disk_of("img.qcow2") == disk, "the arm64 entry was chosen");
+    assert!(disk_of("ubuntu.qcow2") == disk);
+    assert_eq!(disk_of("win11.raw").len(), 16 << 20);
+    for name in ["win11", "win11-test"] {
+        assert!(std::fs::read(store.join(name)).unwrap() == disk, "{name}");
+    }
+}
