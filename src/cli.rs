@@ -365,9 +365,22 @@ fn raise_open_file_limit() {
     }
 }
 
+/// `--version`: the version, and what this build can read and speak.
+fn version() -> String {
+    format!(
+        "cloudimg {}\nsources: oci: (layout directories), oci-archive: (tars of layouts, read in \
+place), registries (http, https with rustls and bundled Mozilla roots; docker:// accepted)\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 /// Run the command line `args` (without the program name); returns the exit code.
 pub fn run(program: &str, args: &[String]) -> i32 {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if matches!(args.as_slice(), ["--version" | "-V"]) {
+        let _ = write!(std::io::stdout(), "{}", version());
+        return 0;
+    }
     let cli = match Cli::from_args(&[program], &args) {
         Ok(cli) => cli,
         Err(early) => {

@@ -68,8 +68,22 @@ impl Reference {
             let (file, selector) = parse_path_ref("oci-archive", rest)?;
             return Ok(Reference::Archive { file, selector });
         }
-        // skopeo's spelling of a registry reference.
-        parse_registry(s.strip_prefix("docker://").unwrap_or(s))
+        if let Some(docker) = s.strip_prefix("docker://") {
+            // skopeo's spelling of a registry reference.
+            return parse_registry(docker);
+        }
+        // A path where a registry reference was expected: say which form
+        // reads it, rather than asking a registry.
+        let path_like = s.starts_with(['/', '~']) || s.starts_with("./") || s.starts_with("../");
+        let local = Path::new(s).join("oci-layout").is_file()
+            || (s.ends_with(".tar") && Path::new(s).is_file());
+        if path_like || local {
+            return Err(Error::Reference(format!(
+                "{s:?} is a path, not a registry reference: {}",
+                local_layout_hint(s)
+            )));
+        }
+        parse_registry(s)
     }
 
     /// The image name cocoon gets by default: the last path component of the
@@ -133,6 +147,20 @@ fn base_name(dir: &Path) -> String {
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         })
         .unwrap_or_else(|| "image".to_owned())
+}
+
+/// What a SOURCE that is a path should have said.
+fn local_layout_hint(s: &str) -> String {
+    let path = Path::new(s);
+    if path.join("oci-layout").is_file() {
+        format!("for the layout directory, say oci:{s}")
+    } else if path.is_file() {
+        format!("for a tar of a layout, say oci-archive:{s}")
+    } else if path.is_dir() {
+        "the directory is not an OCI image layout (no oci-layout file)".to_owned()
+    } else {
+        "layouts are read as oci:DIR, tars of layouts as oci-archive:FILE".to_owned()
+    }
 }
 
 /// An archive's base name without its `.tar` (`/srv/win11.tar` → `win11`).

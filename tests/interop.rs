@@ -683,3 +683,81 @@ fn every_help_and_readme_example_runs() {
         assert!(std::fs::read(store.join(name)).unwrap() == disk, "{name}");
     }
 }
+
+// ---- 9. hints where users stumble ----
+
+#[test]
+fn docker_prefix_paths_and_version() {
+    let tmp = TempDir::new().unwrap();
+    let (layout, image, _) = cloud_layout(&tmp.path().join("l"), "v1", 23);
+    // docker://REF as skopeo spells it.
+    let reg = common::registry::Registry::start();
+    reg.push_image("team/img", "v1", &image);
+    let out = bin()
+        .args(["get", "-q", &format!("docker://{}/team/img:v1", reg.host())])
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(ok(&out) == expected_disk(&image));
+    // A bare path to a layout, or to a tar, is pointed to the right form;
+    // no registry is asked.
+    let dir = layout.dir.display().to_string();
+    let line = failure(&run(&["get", "-q", &dir]));
+    assert!(line.contains(&format!("say oci:{dir}")), "{line}");
+    let tar = tmp.path().join("l.tar");
+    std::fs::write(&tar, b"").unwrap();
+    let out = bin()
+        .args(["inspect", "l.tar"])
+        .current_dir(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    assert!(line.contains("say oci-archive:l.tar"), "{line}");
+    let out = bin()
+        .args(["inspect", "l"])
+        .current_dir(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(failure(&out).contains("say oci:l"));
+    // --version: the version and what the build reads.
+    let out = run(&["--version"]);
+    let text = String::from_utf8_lossy(ok(&out)).into_owned();
+    assert!(
+        text.starts_with(&format!("cloudimg {}\n", env!("CARGO_PKG_VERSION")))
+            && text.contains("oci-archive:")
+            && text.contains("rustls"),
+        "{text}"
+    );
+}
+
+// ---- 10. inspect --json speaks OCI's field names ----
+
+#[test]
+fn inspect_json_uses_oci_field_names() {
+    let tmp = TempDir::new().unwrap();
+    let (layout, image, digest) = cloud_layout(&tmp.path().join("l"), "v1", 24);
+    let out = run(&["inspect", "--json", &layout.source("v1")]);
+    let r: Value = serde_json::from_slice(ok(&out)).unwrap();
+    assert_eq!(r["digest"], digest.as_str());
+    assert_eq!(r["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(r["artifactType"], OS_IMAGE);
+    assert_eq!(r["config"]["mediaType"], EMPTY_CONFIG);
+    assert_eq!(r["annotations"]["cocoonstack.disk.format"], "qcow2");
+    assert_eq!(
+        r["size"],
+        std::fs::metadata(layout.blob_path(&digest)).unwrap().len()
+    );
+    let first = &r["plan"]["layers"][0];
+    assert_eq!(first["mediaType"], QCOW2_PART);
+    assert!(first["digest"].is_string() && first["size"].is_u64());
+    assert_eq!(r["plan"]["skipped"][0]["mediaType"], "text/plain");
+    let text = serde_json::to_string(&r).unwrap();
+    assert!(
+        !text.contains("media_type") && !text.contains("artifact_type"),
+        "{text}"
+    );
+    let _ = image;
+}
