@@ -32,10 +32,12 @@ use crate::{signals, source};
     description = "Stream an OCI-packaged cloud image (a VM disk, often split into parts) out of an \
 OCI registry or image layout, verified, into a file, a pipe, or `cocoon image import` — with the \
 kernel doing the copying.",
-    note = "SOURCE is an OCI image layout, oci:DIR[:TAG] or oci:DIR@sha256:HEX (the tag follows \
-the last colon unless that part holds a '/': spell the tag out when DIR has a colon, \
-oci:/srv/a:b:latest), or a registry reference [HOST[:PORT]/]REPO[:TAG][@DIGEST] (no HOST: \
-relative to $EPOCH_SERVER; https except for loopback hosts and --plain-http).\n\
+    note = "SOURCE is an OCI image layout, oci:DIR[:REF] or oci:DIR@sha256:HEX; the same in a tar \
+file, oci-archive:FILE[:REF] (as skopeo writes it; read in place); or a registry reference \
+[docker://][HOST[:PORT]/]REPO[:TAG][@DIGEST] (no HOST: relative to $EPOCH_SERVER; https except \
+for loopback hosts and --plain-http). As in skopeo, DIR ends at the first colon and REF may hold \
+colons and slashes (oci:./l:127.0.0.1:5000/team/img:v1); reach a directory with a colon in its \
+name through a symlink, or by a relative path from below the colon.\n\
 Environment: EPOCH_SERVER (default http://127.0.0.1:8080), EPOCH_REGISTRY_TOKEN (bearer for \
 EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon for `pull`), \
 DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
@@ -45,10 +47,12 @@ Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage 
 signal that would end the process).",
     example = "{command_name} inspect oci:./win11:25h2\n\
 {command_name} get oci:./win11:25h2 -o win11.qcow2\n\
-{command_name} get oci:./win11:25h2 | qemu-img convert -f qcow2 -O raw /dev/stdin disk.raw\n\
+{command_name} get oci:./win11:25h2 -o win11.qcow2 && qemu-img convert -O raw win11.qcow2 win11.raw\n\
+{command_name} get oci:./debian:12 > /dev/sdX    # a raw disk, onto a device\n\
+{command_name} get oci-archive:./win11.tar:25h2 | ssh host 'cat > win11.qcow2'\n\
 {command_name} pull oci:./win11:25h2 --name win11\n\
 {command_name} pull windows/win11:25h2\n\
-{command_name} get ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2"
+{command_name} get docker://ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2"
 )]
 struct Cli {
     #[argh(subcommand)]
@@ -474,9 +478,22 @@ fn raise_open_file_limit() {
     }
 }
 
+/// `--version`: the version, and what this build can read and speak.
+fn version() -> String {
+    format!(
+        "cloudimg {}\nsources: oci: (layout directories), oci-archive: (tars of layouts, read in \
+place), registries (http, https with rustls and bundled Mozilla roots; docker:// accepted)\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 /// Run the command line `args` (without the program name); returns the exit code.
 pub fn run(program: &str, args: &[String]) -> i32 {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if matches!(args.as_slice(), ["--version" | "-V"]) {
+        let _ = write!(std::io::stdout(), "{}", version());
+        return 0;
+    }
     let cli = match Cli::from_args(&[program], &args) {
         Ok(cli) => cli,
         Err(early) => {

@@ -6,22 +6,31 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::digest::Digest;
-use crate::manifest::{DiskPlan, Kind, disk_plan};
+use crate::manifest::{Descriptor, DiskPlan, Kind, disk_plan};
 use crate::source::{IndexChoice, Resolved};
 
-/// Everything `inspect` shows about one resolved manifest.
+/// Everything `inspect` shows about one resolved manifest. `--json` spells
+/// the fields as OCI does (`mediaType`, `artifactType`, `digest`, `size`,
+/// `annotations`).
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Report {
     /// The reference as given.
     pub reference: String,
-    /// The image index the reference named, and the platform chosen from it.
-    pub index: Option<IndexChoice>,
+    /// The image indexes the reference led through, outermost first, each
+    /// with every entry it offers and the one chosen.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub index: Vec<IndexChoice>,
     /// The manifest's digest (verified).
     pub digest: Digest,
+    /// The manifest's size in bytes.
+    pub size: u64,
     /// The manifest's media type, when it says.
     pub media_type: Option<String>,
     /// The manifest's artifactType.
     pub artifact_type: Option<String>,
+    /// The manifest's config descriptor.
+    pub config: Option<Descriptor>,
     /// What the manifest describes.
     pub kind: Kind,
     /// The manifest's annotations.
@@ -44,8 +53,10 @@ impl Report {
             reference: resolved.reference.clone(),
             index: resolved.index.clone(),
             digest: resolved.digest.clone(),
+            size: resolved.bytes.len() as u64,
             media_type: m.media_type.clone(),
             artifact_type: m.artifact_type.clone(),
+            config: m.config.clone(),
             kind: m.kind(),
             annotations: m.annotations.clone(),
             plan,
@@ -63,22 +74,44 @@ impl Report {
         let mut s = String::new();
         let none = "-";
         let _ = writeln!(s, "reference:      {}", clean(&self.reference));
-        if let Some(ix) = &self.index {
+        for ix in &self.index {
+            let chosen = ix
+                .platform
+                .as_ref()
+                .map_or("its only entry".to_owned(), |p| p.spelled());
             let _ = writeln!(
                 s,
-                "index:          {} ({}), chose {}/{}{}",
+                "index:          {} ({}, {} bytes), chose {}",
                 ix.digest,
                 clean(ix.media_type.as_deref().unwrap_or(none)),
-                ix.platform.os,
-                ix.platform.architecture,
-                ix.platform
-                    .variant
-                    .as_deref()
-                    .map(|v| format!("/{v}"))
-                    .unwrap_or_default()
+                ix.size,
+                clean(&chosen)
             );
+            for d in &ix.manifests {
+                let platform = d
+                    .platform
+                    .as_ref()
+                    .map_or("(no platform)".to_owned(), |p| p.spelled());
+                let mark = if d.digest == ix.chosen {
+                    "  <- chosen"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<20} {}  {}{mark}",
+                    clean(&platform),
+                    clean(&d.digest),
+                    clean(if d.media_type.is_empty() {
+                        none
+                    } else {
+                        &d.media_type
+                    })
+                );
+            }
         }
         let _ = writeln!(s, "digest:         {}", self.digest);
+        let _ = writeln!(s, "size:           {} bytes", self.size);
         let _ = writeln!(
             s,
             "media type:     {}",
@@ -88,6 +121,11 @@ impl Report {
             s,
             "artifact type:  {}",
             clean(self.artifact_type.as_deref().unwrap_or(none))
+        );
+        let _ = writeln!(
+            s,
+            "config type:    {}",
+            clean(self.config.as_ref().map_or(none, |c| &c.media_type))
         );
         let _ = writeln!(s, "kind:           {}", self.kind);
         if !self.annotations.is_empty() {

@@ -66,6 +66,8 @@ pub const ARTIFACT_SNAPSHOT: &str = "application/vnd.cocoonstack.snapshot.v1+jso
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 /// The annotation that carries the tag in an image layout's `index.json`.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// containerd's name of an image in an exported layout's `index.json`.
+pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 
 /// The eight disk layer media types and the disk format each carries.
 pub const DISK_MEDIA_TYPES: [(&str, Format); 8] = [
@@ -131,6 +133,16 @@ pub struct Platform {
     /// E.g. `v8` for arm64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+}
+
+impl Platform {
+    /// `os/arch[/variant]`.
+    pub fn spelled(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{}/{}/{v}", self.os, self.architecture),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
 }
 
 /// An image manifest or an image index: the fields of both, all optional, so
@@ -206,25 +218,65 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The kind in a sentence, with its article: "a cloud image", "an image
+    /// index", "an unknown kind of artifact".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Kind::CloudImage => "a cloud image",
+            Kind::Snapshot => "a snapshot",
+            Kind::ContainerImage => "a container image",
+            Kind::ImageIndex => "an image index",
+            Kind::Unknown => "an unknown kind of artifact",
+        }
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
-/// Classify a manifest; the first matching row of the table wins.
+/// Classify a manifest; the first matching row of the table wins:
+///
+/// 1. an index media type (OCI index, Docker manifest list) → image index,
+///    whatever else the document says; so is a document with no media type,
+///    no config and no layers that lists manifests;
+/// 2. `artifactType` os-image or windows-image → cloud image; snapshot →
+///    snapshot; any other `artifactType` → unknown;
+/// 3. no `artifactType`, and the config's media type is the os-image or
+///    windows-image type → cloud image (the OCI 1.0 artifact convention,
+///    which older oras releases and the ORAS SDK write); snapshot → snapshot;
+/// 4. an OCI or Docker container config → container image;
+/// 5. anything else → unknown.
 pub fn classify(m: &Manifest) -> Kind {
-    match m.artifact_type.as_deref() {
-        Some(ARTIFACT_OS_IMAGE | ARTIFACT_WINDOWS_IMAGE) => return Kind::CloudImage,
-        Some(ARTIFACT_SNAPSHOT) => return Kind::Snapshot,
-        _ => {}
+    if let Some(MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST) = m.media_type.as_deref() {
+        return Kind::ImageIndex;
     }
-    if let Some(MEDIA_OCI_CONFIG | MEDIA_DOCKER_CONFIG) = m.config.as_ref().map(|c| &*c.media_type)
+    if m.media_type.is_none()
+        && m.config.is_none()
+        && m.layers.is_empty()
+        && !m.manifests.is_empty()
     {
-        return Kind::ContainerImage;
+        return Kind::ImageIndex;
     }
-    match m.media_type.as_deref() {
-        Some(MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST) => Kind::ImageIndex,
+    let by_type = |t: &str| match t {
+        ARTIFACT_OS_IMAGE | ARTIFACT_WINDOWS_IMAGE => Some(Kind::CloudImage),
+        ARTIFACT_SNAPSHOT => Some(Kind::Snapshot),
+        _ => None,
+    };
+    let config = m.config.as_ref().map(|c| &*c.media_type);
+    match m.artifact_type.as_deref() {
+        Some(t) => return by_type(t).unwrap_or(Kind::Unknown),
+        None => {
+            if let Some(kind) = config.and_then(by_type) {
+                return kind;
+            }
+        }
+    }
+    match config {
+        Some(MEDIA_OCI_CONFIG | MEDIA_DOCKER_CONFIG) => Kind::ContainerImage,
         _ => Kind::Unknown,
     }
 }
@@ -258,6 +310,7 @@ pub fn disk_format(media_type: &str) -> Option<Format> {
 
 /// One layer of the disk, in stream order.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DiskLayer {
     /// The title annotation, empty when missing.
     pub title: String,
@@ -290,6 +343,7 @@ impl DiskLayer {
 
 /// A layer that is not part of the disk, and why.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Skipped {
     /// The title annotation, empty when missing.
     pub title: String,
@@ -321,7 +375,13 @@ pub fn disk_plan(m: &Manifest) -> Result<DiskPlan> {
     let kind = classify(m);
     if kind != Kind::CloudImage {
         return Err(Error::Manifest(format!(
-            "not a cloud image: the manifest is a {kind}"
+            "not a cloud image: the manifest is {} ({kind}{})",
+            kind.with_article(),
+            match (&m.artifact_type, &m.config) {
+                (Some(t), _) => format!(", artifactType {t}"),
+                (None, Some(c)) => format!(", config {}", c.media_type),
+                (None, None) => String::new(),
+            }
         )));
     }
     let mut layers = Vec::new();
@@ -448,10 +508,33 @@ mod tests {
                 with(None, Some(MEDIA_DOCKER_CONFIG), None),
                 Kind::ContainerImage,
             ),
-            // config wins over an index media type.
+            // An index media type wins over everything else.
             (
                 with(None, Some(MEDIA_DOCKER_CONFIG), Some(MEDIA_OCI_INDEX)),
-                Kind::ContainerImage,
+                Kind::ImageIndex,
+            ),
+            (
+                with(Some(ARTIFACT_OS_IMAGE), None, Some(MEDIA_OCI_INDEX)),
+                Kind::ImageIndex,
+            ),
+            // The OCI 1.0 artifact convention: the type in config.mediaType.
+            (
+                with(None, Some(ARTIFACT_OS_IMAGE), Some(MEDIA_OCI_MANIFEST)),
+                Kind::CloudImage,
+            ),
+            (
+                with(None, Some(ARTIFACT_WINDOWS_IMAGE), None),
+                Kind::CloudImage,
+            ),
+            (with(None, Some(ARTIFACT_SNAPSHOT), None), Kind::Snapshot),
+            // ... but an artifactType, when given, decides.
+            (
+                with(Some("application/x-other"), Some(ARTIFACT_OS_IMAGE), None),
+                Kind::Unknown,
+            ),
+            (
+                with(Some(ARTIFACT_SNAPSHOT), Some(ARTIFACT_OS_IMAGE), None),
+                Kind::Snapshot,
             ),
             (with(None, None, Some(MEDIA_OCI_INDEX)), Kind::ImageIndex),
             (with(None, None, Some(MEDIA_DOCKER_LIST)), Kind::ImageIndex),
@@ -465,6 +548,13 @@ mod tests {
         for (i, (m, want)) in cases.iter().enumerate() {
             assert_eq!(classify(m), *want, "case {i}");
         }
+        // An index that does not name its media type, as skopeo writes
+        // index.json.
+        let bare = Manifest {
+            manifests: vec![Descriptor::default()],
+            ..Manifest::default()
+        };
+        assert_eq!(classify(&bare), Kind::ImageIndex);
     }
 
     #[test]
@@ -523,7 +613,13 @@ mod tests {
         m.artifact_type = None;
         m.config.as_mut().unwrap().media_type = MEDIA_OCI_CONFIG.to_owned();
         let e = disk_plan(&m).unwrap_err().to_string();
-        assert!(e.contains("container-image"), "{e}");
+        assert!(e.contains("is a container image"), "{e}");
+        m.config.as_mut().unwrap().media_type = MEDIA_OCI_EMPTY.to_owned();
+        let e = disk_plan(&m).unwrap_err().to_string();
+        assert!(e.contains("is an unknown kind of artifact"), "{e}");
+        m.media_type = Some(MEDIA_OCI_INDEX.to_owned());
+        let e = disk_plan(&m).unwrap_err().to_string();
+        assert!(e.contains("is an image index"), "{e}");
     }
 
     #[test]

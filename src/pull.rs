@@ -278,7 +278,7 @@ mod tests {
                 bytes: Vec::new(),
                 digest,
                 manifest,
-                index: None,
+                index: Vec::new(),
             })
         }
 

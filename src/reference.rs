@@ -1,11 +1,16 @@
 //! SOURCE strings: where an image comes from.
 //!
-//! - `oci:DIR[:TAG]` and `oci:DIR@ALG:HEX` — an OCI image layout directory
-//!   (skopeo's spelling). The tag is what follows the **last** colon unless that
-//!   part contains a `/`; so a DIR with a colon in it is addressed by spelling
-//!   the tag out (`oci:/srv/a:b:latest`) or by ending DIR with `/` (`oci:/srv/a:b/`).
-//!   A part that starts with a `.` or `..` path component (`oci:DIR:../x`) is
-//!   taken as a tag, and refused: it is never read as a path beside DIR.
+//! - `oci:PATH[:REF]` and `oci:PATH@ALG:HEX` — an OCI image layout directory,
+//!   split as skopeo and containers/image split it: PATH ends at the **first**
+//!   colon, and everything after it is the ref name, so a ref may hold colons
+//!   and slashes (`oci:./l:127.0.0.1:5000/team/img:v1`, as skopeo writes full
+//!   names into `org.opencontainers.image.ref.name`). A ref must follow the
+//!   image spec's ref grammar, so `..` or `./x` is refused, never read as a
+//!   path. A directory whose name holds a colon is reached through a symlink
+//!   or by a relative path from inside it.
+//! - `oci-archive:FILE[:REF]` and `oci-archive:FILE@ALG:HEX` — the same, in a
+//!   tar of a layout (what `skopeo copy … oci-archive:` writes), read in place.
+//! - `docker://REF` — skopeo's spelling of a registry reference.
 //! - `[HOST[:PORT]/]REPO[:TAG][@DIGEST]` — a repository in an OCI registry. The
 //!   first component is a host when it contains `.` or `:` or is `localhost`;
 //!   otherwise the reference is relative to `EPOCH_SERVER`.
@@ -47,6 +52,13 @@ pub enum Reference {
         /// Which of its manifests.
         selector: Selector,
     },
+    /// An OCI image layout in an uncompressed tar file (`oci-archive:`).
+    Archive {
+        /// The tar file.
+        file: PathBuf,
+        /// Which of its manifests.
+        selector: Selector,
+    },
     /// A repository in a registry.
     Registry(RegistryRef),
 }
@@ -68,10 +80,30 @@ pub struct RegistryRef {
 impl Reference {
     /// Parse a SOURCE string.
     pub fn parse(s: &str) -> Result<Reference> {
-        match s.strip_prefix("oci:") {
-            Some(rest) => parse_layout(rest),
-            None => parse_registry(s),
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (dir, selector) = parse_path_ref("oci", rest)?;
+            return Ok(Reference::Layout { dir, selector });
         }
+        if let Some(rest) = s.strip_prefix("oci-archive:") {
+            let (file, selector) = parse_path_ref("oci-archive", rest)?;
+            return Ok(Reference::Archive { file, selector });
+        }
+        if let Some(docker) = s.strip_prefix("docker://") {
+            // skopeo's spelling of a registry reference.
+            return parse_registry(docker);
+        }
+        // A path where a registry reference was expected: say which form
+        // reads it, rather than asking a registry.
+        let path_like = s.starts_with(['/', '~']) || s.starts_with("./") || s.starts_with("../");
+        let local = Path::new(s).join("oci-layout").is_file()
+            || (s.ends_with(".tar") && Path::new(s).is_file());
+        if path_like || local {
+            return Err(Error::Reference(format!(
+                "{s:?} is a path, not a registry reference: {}",
+                local_layout_hint(s)
+            )));
+        }
+        parse_registry(s)
     }
 
     /// The image name cocoon gets by default: the last path component of the
@@ -79,6 +111,7 @@ impl Reference {
     pub fn default_name(&self) -> String {
         match self {
             Reference::Layout { dir, .. } => base_name(dir),
+            Reference::Archive { file, .. } => archive_name(file),
             Reference::Registry(r) => r
                 .repository
                 .rsplit('/')
@@ -94,6 +127,9 @@ impl fmt::Display for Reference {
         match self {
             Reference::Layout { dir, selector } => {
                 write!(f, "oci:{}{selector}", dir.display())
+            }
+            Reference::Archive { file, selector } => {
+                write!(f, "oci-archive:{}{selector}", file.display())
             }
             Reference::Registry(r) => fmt::Display::fmt(r, f),
         }
@@ -133,44 +169,85 @@ fn base_name(dir: &Path) -> String {
         .unwrap_or_else(|| "image".to_owned())
 }
 
-/// `alg:…` after an `@`: meant as a digest (and then it must be a valid one).
-fn looks_like_digest(s: &str) -> bool {
-    s.split_once(':').is_some_and(|(alg, _)| {
-        !alg.is_empty()
-            && alg
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    })
+/// What a SOURCE that is a path should have said.
+fn local_layout_hint(s: &str) -> String {
+    let path = Path::new(s);
+    if path.join("oci-layout").is_file() {
+        format!("for the layout directory, say oci:{s}")
+    } else if path.is_file() {
+        format!("for a tar of a layout, say oci-archive:{s}")
+    } else if path.is_dir() {
+        "the directory is not an OCI image layout (no oci-layout file)".to_owned()
+    } else {
+        "layouts are read as oci:DIR, tars of layouts as oci-archive:FILE".to_owned()
+    }
 }
 
-/// `./…` or `../…` after the last colon: a tag that tries to name a path
-/// (`oci:DIR:../x`), not the rest of a DIR with a colon in it.
-fn climbs(after_colon: &str) -> bool {
-    matches!(after_colon.split('/').next(), Some("." | ".."))
+/// An archive's base name without its `.tar` (`/srv/win11.tar` → `win11`).
+fn archive_name(file: &Path) -> String {
+    let name = base_name(file);
+    match name.strip_suffix(".tar") {
+        Some(stem) if !stem.is_empty() => stem.to_owned(),
+        _ => name,
+    }
 }
 
-fn parse_layout(rest: &str) -> Result<Reference> {
-    let (dir, selector) =
-        if let Some((dir, d)) = rest.rsplit_once('@').filter(|(_, d)| looks_like_digest(d)) {
-            (dir, Selector::Digest(d.parse()?))
-        } else if let Some((dir, tag)) = rest
-            .rsplit_once(':')
-            .filter(|(_, t)| !t.contains('/') || climbs(t))
-        {
-            check_tag(tag)?;
-            (dir, Selector::Tag(tag.to_owned()))
-        } else {
-            (rest, Selector::Default)
-        };
-    if dir.is_empty() {
+/// `PATH[:REF]` or `PATH@ALG:HEX` after `oci:` / `oci-archive:`. PATH ends
+/// at the first colon (skopeo's rule) — unless the text before that colon
+/// ends in `@sha256` or `@sha512`, which makes the rest a digest.
+fn parse_path_ref(scheme: &str, rest: &str) -> Result<(PathBuf, Selector)> {
+    let (path, selector) = match rest.split_once(':') {
+        None => (rest, Selector::Default),
+        Some((head, tail)) => match head.rsplit_once('@') {
+            Some((path, alg)) if matches!(alg, "sha256" | "sha512") => {
+                (path, Selector::Digest(format!("{alg}:{tail}").parse()?))
+            }
+            _ => {
+                check_ref_name(tail)?;
+                (head, Selector::Tag(tail.to_owned()))
+            }
+        },
+    };
+    if path.is_empty() {
+        let what = if scheme == "oci" { "DIR" } else { "FILE" };
         return Err(Error::Reference(format!(
-            "oci:{rest}: no layout directory given (oci:DIR[:TAG] or oci:DIR@sha256:HEX)"
+            "{scheme}:{rest}: no path given ({scheme}:{what}[:REF] or {scheme}:{what}@sha256:HEX)"
         )));
     }
-    Ok(Reference::Layout {
-        dir: PathBuf::from(dir),
-        selector,
-    })
+    Ok((PathBuf::from(path), selector))
+}
+
+/// A ref name in a layout, in the image spec's grammar for
+/// `org.opencontainers.image.ref.name`: components of letters and digits
+/// joined by one of `-._:@+` or by `--`, separated by `/`. So `..`, `./x`
+/// or a leading `/` never pass, and the name is safe to print.
+pub fn check_ref_name(name: &str) -> Result<()> {
+    let component_ok = |c: &str| {
+        let b = c.as_bytes();
+        let mut ok = !b.is_empty() && b[0].is_ascii_alphanumeric();
+        let mut i = 0;
+        while ok && i < b.len() {
+            if b[i].is_ascii_alphanumeric() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < b.len() && !b[i].is_ascii_alphanumeric() {
+                i += 1;
+            }
+            let sep = &c[start..i];
+            ok = i < b.len() && (sep == "--" || (sep.len() == 1 && "-._:@+".contains(sep)));
+        }
+        ok
+    };
+    if name.len() <= 512 && name.split('/').all(component_ok) {
+        Ok(())
+    } else {
+        Err(Error::Reference(format!(
+            "{name:?} is not a valid tag (a ref name: letters and digits joined by one of \
+             -._:@+ or --, in components separated by /)"
+        )))
+    }
 }
 
 /// A tag as the distribution spec allows it: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
@@ -342,19 +419,22 @@ mod tests {
                 &format!("oci:/srv/img@sha256:{HEX}") as &str,
                 layout("/srv/img", d()),
             ),
-            // A colon inside DIR: spell the tag, or end DIR with a slash.
-            ("oci:/srv/a:b:latest", layout("/srv/a:b", t("latest"))),
-            ("oci:/srv/a:b/", layout("/srv/a:b/", Selector::Default)),
+            // PATH ends at the first colon (skopeo's rule): the rest is the
+            // ref, colons and slashes included.
+            ("oci:/srv/a:b:latest", layout("/srv/a", t("b:latest"))),
             (
-                "oci:/srv/a:b/img",
-                layout("/srv/a:b/img", Selector::Default),
+                "oci:./l:127.0.0.1:5101/team/img:v1",
+                layout("./l", t("127.0.0.1:5101/team/img:v1")),
             ),
             (
-                &format!("oci:/srv/a:b@sha256:{HEX}"),
-                layout("/srv/a:b", d()),
+                "oci:img:docker.io/library/x:1.0",
+                layout("img", t("docker.io/library/x:1.0")),
             ),
+            ("oci:img:a--b_c+d@e", layout("img", t("a--b_c+d@e"))),
+            (&format!("oci:/srv/a@sha256:{HEX}"), layout("/srv/a", d())),
             // An @ inside DIR that does not introduce a digest.
             ("oci:/srv/u@host/img:v1", layout("/srv/u@host/img", t("v1"))),
+            ("oci:/srv/img@v2:latest", layout("/srv/img@v2", t("latest"))),
         ];
         for (s, want) in cases {
             assert_eq!(Reference::parse(s).unwrap(), want, "{s}");
@@ -375,9 +455,32 @@ mod tests {
             "oci:/srv/img:../../etc",
             "oci:img:./x",
             "oci:img:..",
+            "oci:img:a/../b",
+            "oci:img:/abs",
+            "oci:img:a//b",
+            "oci:img:a-",
+            "oci:img:a...b",
+            "oci-archive:",
+            "oci-archive::x",
+            &format!("oci:img@sha512:{HEX}"),
         ] {
             assert!(Reference::parse(s).is_err(), "{s} must be refused");
         }
+    }
+
+    #[test]
+    fn archive_and_docker_references() {
+        assert_eq!(
+            Reference::parse("oci-archive:/srv/w.tar:a:b").unwrap(),
+            Reference::Archive {
+                file: PathBuf::from("/srv/w.tar"),
+                selector: Selector::Tag("a:b".to_owned()),
+            }
+        );
+        assert_eq!(
+            Reference::parse("docker://ghcr.io/org/img:v1").unwrap(),
+            Reference::parse("ghcr.io/org/img:v1").unwrap()
+        );
     }
 
     #[test]
@@ -448,13 +551,18 @@ mod tests {
         assert_eq!(name("ghcr.io/org/ubuntu:24.04"), "ubuntu");
         assert_eq!(name("oci:/srv/images/win11:25h2"), "win11");
         assert_eq!(name("oci:/srv/images/win11/"), "win11");
-        assert_eq!(name("oci:/srv/a:b:latest"), "a:b");
+        assert_eq!(name("oci:/srv/a:b:latest"), "a");
+        assert_eq!(name("oci-archive:/srv/win11.tar:25h2"), "win11");
+        assert_eq!(name("oci-archive:/srv/win11"), "win11");
+        assert_eq!(name("docker://ghcr.io/org/ubuntu:24.04"), "ubuntu");
     }
 
     #[test]
     fn display_round_trips() {
         for s in [
             "oci:/srv/img:25h2",
+            "oci:/srv/img:127.0.0.1:5000/a/b:v1",
+            "oci-archive:/srv/img.tar:25h2",
             "windows/win11:25h2",
             "localhost:5000/a/b:v1",
         ] {

@@ -26,7 +26,7 @@ use crate::signals;
 use crate::sink::Sink;
 use crate::source::{Blob, BlobSource};
 use crate::verify::{self, Job, StreamHasher, Verifier};
-use crate::zerocopy::{BUF_SIZE, Copier, Range, Tick, pread, write_all};
+use crate::zerocopy::{BUF_SIZE, Copier, FileRange, Range, Tick, write_all};
 
 /// How to stream.
 #[derive(Clone, Debug)]
@@ -134,11 +134,7 @@ pub fn stream_plan(
                 }
             }
             (Opened::File { file, offset, len }, Route::Buffered { .. }) => {
-                let mut range = FileRange {
-                    file: &file,
-                    offset,
-                    left: len,
-                };
+                let mut range = FileRange::new(&file, Range { offset, len });
                 let mut tick = ticker(progress, &verifier, None);
                 buffered.run(&mut range, layer, &label, &mut tick)?;
             }
@@ -201,24 +197,6 @@ fn ticker<'a>(
             Some((file, label)) => lease::ensure_held(file, label),
             None => Ok(()),
         }
-    }
-}
-
-/// A byte range of a file as a reader (`pread`, so the fd's position is
-/// never shared state).
-struct FileRange<'a> {
-    file: &'a File,
-    offset: u64,
-    left: u64,
-}
-
-impl Read for FileRange<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let want = usize::try_from(self.left).map_or(buf.len(), |l| l.min(buf.len()));
-        let got = pread(self.file, &mut buf[..want], self.offset)?;
-        self.offset += got as u64;
-        self.left -= got as u64;
-        Ok(got)
     }
 }
 

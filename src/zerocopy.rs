@@ -207,6 +207,36 @@ impl<'s, 'fd> Copier<'s, 'fd> {
     }
 }
 
+/// A byte range of a file as a reader (`pread`, so the fd's position is
+/// never shared state): the buffered route's source for file blobs, and
+/// capped manifest reads from layouts and archives.
+pub struct FileRange<'a> {
+    file: &'a File,
+    offset: u64,
+    left: u64,
+}
+
+impl<'a> FileRange<'a> {
+    /// `range` of `file`.
+    pub fn new(file: &'a File, range: Range) -> Self {
+        FileRange {
+            file,
+            offset: range.offset,
+            left: range.len,
+        }
+    }
+}
+
+impl std::io::Read for FileRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = usize::try_from(self.left).map_or(buf.len(), |l| l.min(buf.len()));
+        let got = pread(self.file, &mut buf[..want], self.offset)?;
+        self.offset += got as u64;
+        self.left -= got as u64;
+        Ok(got)
+    }
+}
+
 /// `pread` that retries `EINTR` unless a signal is pending.
 pub fn pread(file: &File, buf: &mut [u8], offset: u64) -> std::result::Result<usize, Errno> {
     loop {

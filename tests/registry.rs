@@ -108,8 +108,8 @@ fn index_resolves_to_the_requested_platform() {
         &[],
     );
     let r: Value = serde_json::from_slice(ok(&out)).unwrap();
-    assert_eq!(r["index"]["digest"], index.as_str());
-    assert_eq!(r["index"]["platform"]["architecture"], "arm64");
+    assert_eq!(r["index"][0]["digest"], index.as_str());
+    assert_eq!(r["index"][0]["platform"]["architecture"], "arm64");
     assert_eq!(r["digest"], arm_d.as_str());
     assert_eq!(r["kind"], "cloud-image");
 

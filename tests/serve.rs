@@ -392,7 +392,8 @@ fn names_tags_digests_and_kinds_resolve_as_oci_dir_does() {
     };
     let (c, body) = code("/dl/linux");
     assert_eq!(c, "404", "{body}");
-    assert!(body.contains("no tag given, no \"latest\""), "{body}");
+    // Two tagged manifests, none `latest`: the name is ambiguous.
+    assert!(body.contains("pick one with linux@DIGEST"), "{body}");
     assert_eq!(code("/dl/nothing/here").0, "404");
     assert_eq!(code("/dl/windows/win11:nope").0, "404");
     let (c, body) = code("/dl/tools/box");

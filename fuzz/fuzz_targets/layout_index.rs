@@ -6,15 +6,20 @@
 //! `index.json` bytes.
 //!
 //! Checked against an independent reading of the index: a tag selects the
-//! first entry carrying that `ref.name`; the default selects the first
-//! `latest`, else the only entry; a digest always resolves — to the first
-//! listed entry with that digest, else to an unlisted descriptor of unknown
-//! size; errors happen exactly when the oracle finds nothing, and print.
+//! entry carrying that name (`ref.name` or containerd's image name) when all
+//! entries carrying it share one digest (the first of them), and fails when
+//! they have several; the default does the same for `latest`, else takes the
+//! only digest listed; a digest always resolves — to the first listed entry
+//! with that digest, else to an unlisted descriptor of unknown size; errors
+//! happen exactly when the oracle finds nothing, and print. `choose_platform`
+//! takes a lone entry without platform, else the first that matches.
 
 #![no_main]
 
 use cloudimg::digest::Digest;
-use cloudimg::manifest::{ANNOTATION_REF_NAME, Descriptor, Manifest, Platform};
+use cloudimg::manifest::{
+    ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME, Descriptor, Manifest, Platform,
+};
 use cloudimg::reference::Selector;
 use cloudimg::source::{choose_platform, host_architecture, parse_platform, select_manifest};
 use libfuzzer_sys::fuzz_target;
@@ -81,10 +86,12 @@ fuzz_target!(|data: &[u8]| {
             && p.architecture == want.architecture
             && (want.variant.is_none() || p.variant == want.variant)
     };
-    let first = index
-        .manifests
-        .iter()
-        .find(|d| d.platform.as_ref().is_some_and(matches));
+    let first = match index.manifests.as_slice() {
+        [only] if only.platform.is_none() => Some(only),
+        all => all
+            .iter()
+            .find(|d| d.platform.as_ref().is_some_and(matches)),
+    };
     match choose_platform(&index, platform.as_ref()) {
         Ok(d) => assert_eq!(Some(&d), first),
         Err(e) => {
@@ -96,17 +103,34 @@ fuzz_target!(|data: &[u8]| {
 
 /// What the selector must pick, read independently of `select_manifest`.
 fn expected(index: &Manifest, selector: &Selector) -> Option<Descriptor> {
-    let tagged = |tag: &str| {
+    // The first entry of each digest among `hits`; one digest or none.
+    let one = |hits: Vec<&Descriptor>| {
+        let first = hits.first().copied()?;
+        hits.iter()
+            .all(|d| d.digest == first.digest)
+            .then(|| first.clone())
+    };
+    let named = |tag: &str| -> Vec<&Descriptor> {
         index
             .manifests
             .iter()
-            .find(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
-            .cloned()
+            .filter(|d| {
+                [ANNOTATION_REF_NAME, ANNOTATION_CONTAINERD_NAME]
+                    .iter()
+                    .any(|k| d.annotations.get(*k).map(String::as_str) == Some(tag))
+            })
+            .collect()
     };
     match selector {
-        Selector::Tag(t) => tagged(t),
-        Selector::Default => tagged("latest")
-            .or_else(|| (index.manifests.len() == 1).then(|| index.manifests[0].clone())),
+        Selector::Tag(t) => one(named(t)),
+        Selector::Default => {
+            let latest = named("latest");
+            if latest.is_empty() {
+                one(index.manifests.iter().collect())
+            } else {
+                one(latest)
+            }
+        }
         Selector::Digest(d) => Some(
             index
                 .manifests

@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         bytes: data.to_vec(),
         digest: Digest::of(Algorithm::Sha256, data),
         manifest: m,
-        index: None,
+        index: Vec::new(),
     };
     let report = Report::new(&resolved);
     assert_eq!(report.plan.is_some(), plan.is_ok());

@@ -136,7 +136,10 @@ pub fn read_manifest(root: &Root, name: &str, desc: &Descriptor) -> Result<Found
 pub fn lookup(root: &Root, name: &str, selector: &Selector) -> Result<Found, Fail> {
     let index = index_json(root, name)?;
     let desc = select_manifest(&index, selector, name).map_err(|e| match e {
-        crate::Error::NotFound(m) => Fail::new(404, "MANIFEST_UNKNOWN", m),
+        // A name that names no manifest, or several.
+        crate::Error::NotFound(m) | crate::Error::Reference(m) => {
+            Fail::new(404, "MANIFEST_UNKNOWN", m)
+        }
         other => Fail::internal(format!("{name}: {other}")),
     })?;
     read_manifest(root, name, &desc)

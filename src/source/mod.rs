@@ -2,6 +2,7 @@
 //! hands out the disk layers' blobs in the richest form it has, so that the
 //! sink can pick the cheapest syscall for the pair (see [`Blob`]).
 
+pub(crate) mod archive;
 pub(crate) mod layout;
 pub(crate) mod registry;
 
@@ -49,19 +50,69 @@ pub struct Resolved {
     /// The parsed manifest.
     pub manifest: Manifest,
     /// When the reference named an image index: the index, and which of its
-    /// manifests was chosen.
-    pub index: Option<IndexChoice>,
+    /// manifests was chosen — one per level when indexes nest, outermost first.
+    pub index: Vec<IndexChoice>,
 }
 
 /// The image index a manifest was chosen from.
 #[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct IndexChoice {
     /// The index's digest.
     pub digest: Digest,
     /// The index's media type, when it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
-    /// The platform whose manifest was chosen.
-    pub platform: Platform,
+    /// The index's size in bytes.
+    pub size: u64,
+    /// Every entry the index offers, in its order.
+    pub manifests: Vec<Descriptor>,
+    /// The digest of the entry chosen.
+    pub chosen: String,
+    /// The platform of the entry chosen (none for a lone entry without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+}
+
+/// How deep image indexes may nest (an index of indexes of manifests is 2).
+pub const MAX_INDEX_DEPTH: usize = 4;
+
+/// Resolve `top` through image indexes down to a manifest: at each level
+/// the entry for `wanted` (see [`choose_platform`]) is fetched with `fetch`,
+/// which verifies it against its descriptor. Up to [`MAX_INDEX_DEPTH`] levels.
+pub fn resolve_index(
+    mut top: Resolved,
+    wanted: Option<&Platform>,
+    mut fetch: impl FnMut(&Descriptor) -> Result<(Vec<u8>, Digest)>,
+) -> Result<Resolved> {
+    let mut chain = Vec::new();
+    while top.manifest.kind() == crate::manifest::Kind::ImageIndex {
+        if chain.len() == MAX_INDEX_DEPTH {
+            return Err(Error::Manifest(format!(
+                "image indexes nest more than {MAX_INDEX_DEPTH} deep"
+            )));
+        }
+        let child = choose_platform(&top.manifest, wanted)?;
+        let (bytes, digest) = fetch(&child)?;
+        let manifest = Manifest::parse(&bytes)?;
+        chain.push(IndexChoice {
+            size: top.bytes.len() as u64,
+            digest: top.digest,
+            media_type: top.manifest.media_type,
+            manifests: top.manifest.manifests,
+            chosen: child.digest,
+            platform: child.platform,
+        });
+        top = Resolved {
+            reference: top.reference,
+            bytes,
+            digest,
+            manifest,
+            index: Vec::new(),
+        };
+    }
+    top.index = chain;
+    Ok(top)
 }
 
 /// How sources are opened.
@@ -105,7 +156,14 @@ pub fn parse_platform(s: &str) -> Result<Platform> {
 
 /// Pick the manifest of an image index for `wanted` (default: linux on this
 /// machine's architecture). A variant is only compared when one is asked for.
+/// An index of one entry that names no platform (as tools write an index
+/// around a single artifact, or around a nested index) gives that entry.
 pub fn choose_platform(index: &Manifest, wanted: Option<&Platform>) -> Result<Descriptor> {
+    if let [only] = index.manifests.as_slice()
+        && only.platform.is_none()
+    {
+        return Ok(only.clone());
+    }
     let default = Platform {
         os: "linux".to_owned(),
         architecture: host_architecture().to_owned(),
@@ -126,8 +184,11 @@ pub fn choose_platform(index: &Manifest, wanted: Option<&Platform>) -> Result<De
             let have: Vec<String> = index
                 .manifests
                 .iter()
-                .filter_map(|d| d.platform.as_ref())
-                .map(|p| format!("{}/{}", p.os, p.architecture))
+                .map(|d| {
+                    d.platform
+                        .as_ref()
+                        .map_or("no platform".to_owned(), Platform::spelled)
+                })
                 .collect();
             Error::NotFound(format!(
                 "the image index has no manifest for {}/{} (it has: {})",
@@ -187,6 +248,12 @@ pub fn open(reference: &Reference, opts: &SourceOptions) -> Result<Box<dyn BlobS
     match reference {
         Reference::Layout { dir, selector } => Ok(Box::new(layout::Layout::open(
             dir,
+            selector.clone(),
+            reference.to_string(),
+            opts.platform.clone(),
+        )?)),
+        Reference::Archive { file, selector } => Ok(Box::new(layout::Layout::open_archive(
+            file,
             selector.clone(),
             reference.to_string(),
             opts.platform.clone(),

@@ -16,12 +16,10 @@ use self::auth::{CredentialStore, Credentials, Secret};
 use self::blob::{BlobFetch, Parallel, Resumable};
 use self::client::{BodyKind, Client, ClientOptions, Origin, body_error_text, is_loopback, redact};
 use self::mirrors::{MirrorUse, SourceUrl, ask_in_turn, skipped};
-use super::{Blob, BlobSource, Resolved, check_manifest_digest, choose_platform};
+use super::{Blob, BlobSource, Resolved, check_manifest_digest};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result};
-use crate::manifest::{
-    DiskLayer, Kind, MAX_MANIFEST_BYTES, Manifest, Platform, read_capped, too_large,
-};
+use crate::manifest::{DiskLayer, MAX_MANIFEST_BYTES, Manifest, Platform, read_capped, too_large};
 use crate::reference::RegistryRef;
 
 /// The environment variable naming where epoch-style names (no host) live.
@@ -290,26 +288,11 @@ impl BlobSource for Registry {
             bytes,
             digest,
             manifest,
-            index: None,
+            index: Vec::new(),
         };
-        if top.manifest.kind() != Kind::ImageIndex {
-            return Ok(top);
-        }
-        let child = choose_platform(&top.manifest, self.platform.as_ref())?;
-        let child_digest: Digest = child.digest.parse()?;
-        let (bytes, digest) =
-            self.fetch_manifest(&child_digest.to_string(), Some(&child_digest))?;
-        let manifest = Manifest::parse(&bytes)?;
-        Ok(Resolved {
-            reference: self.reference.clone(),
-            bytes,
-            digest,
-            manifest,
-            index: Some(super::IndexChoice {
-                digest: top.digest,
-                media_type: top.manifest.media_type.clone(),
-                platform: child.platform.clone().unwrap_or_default(),
-            }),
+        super::resolve_index(top, self.platform.as_ref(), |child| {
+            let child_digest: Digest = child.digest.parse()?;
+            self.fetch_manifest(&child_digest.to_string(), Some(&child_digest))
         })
     }
 

@@ -1,0 +1,763 @@
+//! Interoperability with the OCI tools users already have: layouts, archives
+//! and references as skopeo, umoci, containerd and the ORAS SDK write them.
+//! Real tools are used where they are installed in CI (skopeo and umoci are
+//! Debian packages, see `.ci/run`); shapes of tools that cannot be installed
+//! here (containerd's `ctr images export`, the ORAS Python SDK) are written by
+//! hand, and each such fixture says so.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// Run a real tool; it must be installed (CI installs it).
+fn tool(name: &str, args: &[&str], package: &str) {
+    let out = Command::new(name)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{name} must be installed (Debian: {package}): {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn skopeo(args: &[&str]) {
+    // No policy file is needed to copy between local layouts with this one.
+    let mut all = vec!["--insecure-policy"];
+    all.extend_from_slice(args);
+    tool("skopeo", &all, "skopeo");
+}
+
+fn ok(out: &std::process::Output) -> &[u8] {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    &out.stdout
+}
+
+/// A small split cloud image in a layout at `dir`, tagged `tag`.
+fn cloud_layout(dir: &Path, tag: &str, seed: u64) -> (LayoutDir, Image, String) {
+    let layout = LayoutDir::new(dir);
+    let image = Image::split(&data(5000, seed), 1500);
+    let digest = layout.put_image(Some(tag), &image);
+    (layout, image, digest)
+}
+
+fn index_json(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap()
+}
+
+// ---- 2. oci:PATH[:REF] splits at the first colon, as skopeo does ----
+
+#[test]
+fn skopeo_full_names_are_selectable_refs() {
+    let tmp = TempDir::new().unwrap();
+    let (src, image, _) = cloud_layout(&tmp.path().join("src"), "v1", 1);
+    let dst = tmp.path().join("dst");
+    let name = "127.0.0.1:5101/team/img:v1";
+    // skopeo writes the whole name as org.opencontainers.image.ref.name.
+    skopeo(&[
+        "copy",
+        &src.source("v1"),
+        &format!("oci:{}:{name}", dst.display()),
+    ]);
+    assert_eq!(
+        index_json(&dst)["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        name
+    );
+    let out = run(&["get", "-q", &format!("oci:{}:{name}", dst.display())]);
+    assert!(ok(&out) == expected_disk(&image));
+    // A tag with slashes and no colon.
+    skopeo(&[
+        "copy",
+        &src.source("v1"),
+        &format!("oci:{}:team/img", dst.display()),
+    ]);
+    let out = run(&["get", "-q", &format!("oci:{}:team/img", dst.display())]);
+    assert!(ok(&out) == expected_disk(&image));
+    // And what skopeo reads back under the same spelling is the same manifest.
+    let ours = run(&[
+        "inspect",
+        "--json",
+        &format!("oci:{}:{name}", dst.display()),
+    ]);
+    let ours: Value = serde_json::from_slice(ok(&ours)).unwrap();
+    let theirs = Command::new("skopeo")
+        .args(["inspect", "--raw", &format!("oci:{}:{name}", dst.display())])
+        .output()
+        .unwrap();
+    assert!(theirs.status.success());
+    assert_eq!(ours["digest"], sha256(&theirs.stdout));
+    assert_eq!(ours["size"], theirs.stdout.len());
+}
+
+#[test]
+fn a_directory_with_a_colon_is_reached_by_symlink_or_relative_path() {
+    let tmp = TempDir::new().unwrap();
+    let colon = tmp.path().join("a:b");
+    let (_layout, image, _) = cloud_layout(&colon, "v1", 2);
+    // Spelled with the colon, PATH is ".../a" and the ref "b:v1": the error
+    // says that ".../a:b:v1" is there after all, and how to reach it.
+    let line = failure(&run(&["get", "-q", &format!("oci:{}:v1", colon.display())]));
+    assert!(
+        line.contains("exists") && line.contains("first colon") && line.contains("symlink"),
+        "{line}"
+    );
+    // Through a symlink.
+    let link = tmp.path().join("ab");
+    std::os::unix::fs::symlink(&colon, &link).unwrap();
+    let out = run(&["get", "-q", &format!("oci:{}:v1", link.display())]);
+    assert!(ok(&out) == expected_disk(&image));
+    // By a relative path from inside it.
+    let out = bin()
+        .args(["get", "-q", "oci:.:v1"])
+        .current_dir(&colon)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(ok(&out) == expected_disk(&image));
+    // A layout one level below the colon: relative to the colon directory.
+    let (_inner, image2, _) = cloud_layout(&tmp.path().join("c:d/img"), "v2", 3);
+    let out = bin()
+        .args(["get", "-q", "oci:img:v2"])
+        .current_dir(tmp.path().join("c:d"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(ok(&out) == expected_disk(&image2));
+    // --help says how.
+    let help = run(&["--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("first colon") && help.contains("symlink"),
+        "{help}"
+    );
+}
+
+// ---- 5. a tag on several manifests; containerd's image name ----
+
+/// The shape `ctr images export` writes, by hand (containerd cannot run
+/// here): the image's index and its manifest both listed in index.json, both
+/// named by the tag and by containerd's full image name.
+fn ctr_shaped_export(dir: &Path, image: &Image) -> (LayoutDir, String, String) {
+    let layout = LayoutDir::new(dir);
+    let manifest = layout.put_image(None, image);
+    let manifest_size = std::fs::metadata(layout.blob_path(&manifest))
+        .unwrap()
+        .len();
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest,
+            "size": manifest_size,
+            "platform": {"os": "linux", "architecture": "amd64"},
+        }],
+    }))
+    .unwrap();
+    let index_digest = layout.put_blob(&index);
+    let names = json!({
+        "io.containerd.image.name": "docker.io/team/img:v1",
+        "org.opencontainers.image.ref.name": "v1",
+    });
+    let entries = json!([
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest,
+         "size": index.len(), "annotations": names},
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest,
+         "size": manifest_size, "annotations": names},
+    ]);
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": entries})).unwrap(),
+    )
+    .unwrap();
+    (layout, index_digest, manifest)
+}
+
+#[test]
+fn a_tag_on_several_manifests_lists_them_and_asks_for_a_digest() {
+    let tmp = TempDir::new().unwrap();
+    let image = Image::split(&data(4000, 4), 1000);
+    let dir = tmp.path().join("export");
+    let (_layout, index, manifest) = ctr_shaped_export(&dir, &image);
+    for src in [
+        format!("oci:{}:v1", dir.display()),
+        format!("oci:{}:docker.io/team/img:v1", dir.display()),
+    ] {
+        let line = failure(&run(&["get", "-q", &src]));
+        assert!(
+            line.contains(&index)
+                && line.contains(&manifest)
+                && line.contains("application/vnd.oci.image.index.v1+json")
+                && line.contains("application/vnd.oci.image.manifest.v1+json")
+                && line.contains(&format!("oci:{}@DIGEST", dir.display())),
+            "{line}"
+        );
+        assert!(!failure(&run(&["inspect", &src])).is_empty());
+    }
+    // Either candidate, picked by digest, gives the disk.
+    for d in [&index, &manifest] {
+        let out = run(&["get", "-q", &format!("oci:{}@{d}", dir.display())]);
+        assert!(ok(&out) == expected_disk(&image));
+    }
+}
+
+#[test]
+fn containerd_image_names_select_manifests() {
+    let tmp = TempDir::new().unwrap();
+    let image = Image::split(&data(4000, 5), 1000);
+    // Hand-written, as ctr names an image: only io.containerd.image.name.
+    let layout = LayoutDir::new(&tmp.path().join("l"));
+    let digest = layout.put_image(None, &image);
+    let mut idx = index_json(&layout.dir);
+    idx["manifests"][0]["annotations"] =
+        json!({"io.containerd.image.name": "docker.io/team/img:v1"});
+    std::fs::write(layout.dir.join("index.json"), idx.to_string()).unwrap();
+    let src = format!("oci:{}:docker.io/team/img:v1", layout.dir.display());
+    let out = run(&["get", "-q", &src]);
+    assert!(ok(&out) == expected_disk(&image));
+    // The same manifest listed twice under one name is one candidate.
+    let mut idx = index_json(&layout.dir);
+    let entry = idx["manifests"][0].clone();
+    idx["manifests"].as_array_mut().unwrap().push(entry);
+    std::fs::write(layout.dir.join("index.json"), idx.to_string()).unwrap();
+    let out = run(&["inspect", "--json", &src]);
+    let r: Value = serde_json::from_slice(ok(&out)).unwrap();
+    assert_eq!(r["digest"], digest.as_str());
+    // An unknown name lists the names there are.
+    let line = failure(&run(&[
+        "get",
+        &format!("oci:{}:nope", layout.dir.display()),
+    ]));
+    assert!(line.contains("docker.io/team/img:v1"), "{line}");
+}
+
+// ---- 4. classification beyond epoch's, still safe; indexes as tools write them ----
+
+/// The OCI 1.0 artifact convention, as older oras releases and the ORAS
+/// Python SDK write it (written by hand: the SDK is not installable here):
+/// no artifactType, the type in config.mediaType.
+#[test]
+fn oci_1_0_artifacts_with_the_type_in_the_config_are_cloud_images() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("l"));
+    let mut image = Image::split(&data(4000, 6), 1500);
+    image.artifact_type = None;
+    image.config_media_type = OS_IMAGE.to_owned();
+    layout.put_image(Some("v1"), &image);
+    let out = run(&["get", "-q", &layout.source("v1")]);
+    assert!(ok(&out) == expected_disk(&image));
+    let out = run(&["inspect", &layout.source("v1")]);
+    let text = String::from_utf8_lossy(ok(&out)).into_owned();
+    assert!(
+        text.contains(&format!("config type:    {OS_IMAGE}")),
+        "{text}"
+    );
+    assert!(text.contains("kind:           cloud-image"), "{text}");
+    // The windows-image type too; another artifactType still decides.
+    let mut win = image.clone();
+    win.config_media_type = "application/vnd.cocoonstack.windows-image.v1+json".to_owned();
+    layout.put_image(Some("win"), &win);
+    assert!(ok(&run(&["get", "-q", &layout.source("win")])) == expected_disk(&image));
+    let mut other = image.clone();
+    other.artifact_type = Some("application/x-other".to_owned());
+    layout.put_image(Some("other"), &other);
+    let line = failure(&run(&["get", "-q", &layout.source("other")]));
+    assert!(line.contains("is an unknown kind of artifact"), "{line}");
+}
+
+#[test]
+fn umoci_container_images_are_named_as_such() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("um");
+    let d = dir.to_str().unwrap();
+    tool("umoci", &["init", "--layout", d], "umoci");
+    tool("umoci", &["new", "--image", &format!("{d}:v1")], "umoci");
+    let line = failure(&run(&["get", "-q", &format!("oci:{d}:v1")]));
+    assert!(line.contains("is a container image"), "{line}");
+    let out = run(&["inspect", &format!("oci:{d}:v1")]);
+    let text = String::from_utf8_lossy(ok(&out)).into_owned();
+    assert!(
+        text.contains("config type:    application/vnd.oci.image.config.v1+json"),
+        "{text}"
+    );
+}
+
+/// Puts an index of `entries` (descriptor JSON) into the layout's blobs.
+fn put_index(layout: &LayoutDir, entries: Value, media_type: bool) -> (String, usize) {
+    let mut ix = json!({"schemaVersion": 2, "manifests": entries});
+    if media_type {
+        ix["mediaType"] = json!("application/vnd.oci.image.index.v1+json");
+    }
+    let bytes = serde_json::to_vec(&ix).unwrap();
+    (layout.put_blob(&bytes), bytes.len())
+}
+
+fn manifest_entry(layout: &LayoutDir, digest: &str, platform: Option<(&str, &str)>) -> Value {
+    let size = std::fs::metadata(layout.blob_path(digest)).unwrap().len();
+    let mut e = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": digest, "size": size});
+    if let Some((os, arch)) = platform {
+        e["platform"] = json!({"os": os, "architecture": arch});
+    }
+    e
+}
+
+/// Indexes as tools write them, by hand: a single-entry index without a
+/// platform around a platform index (oras and buildx write such wrappers),
+/// an index without its mediaType field (skopeo leaves it out of
+/// index.json), and nesting deeper than cloudimg follows.
+#[test]
+fn nested_and_single_entry_indexes_resolve_and_inspect_lists_platforms() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("l"));
+    let amd = Image::split(&data(3000, 7), 1000);
+    let arm = Image::split(&data(3000, 8), 1000);
+    let amd_d = layout.put_image(None, &amd);
+    let arm_d = layout.put_image(None, &arm);
+    // Reset index.json: only what the test puts there.
+    std::fs::write(
+        layout.dir.join("index.json"),
+        r#"{"schemaVersion":2,"manifests":[]}"#,
+    )
+    .unwrap();
+    let (platforms, psize) = put_index(
+        &layout,
+        json!([
+            manifest_entry(&layout, &arm_d, Some(("linux", "arm64"))),
+            manifest_entry(&layout, &amd_d, Some(("linux", "amd64"))),
+        ]),
+        false,
+    );
+    let (outer, _) = put_index(
+        &layout,
+        json!([{"mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": platforms, "size": psize}]),
+        true,
+    );
+    let outer_bytes = std::fs::read(layout.blob_path(&outer)).unwrap();
+    layout.put_manifest_bytes(
+        Some("v1"),
+        &outer_bytes,
+        "application/vnd.oci.image.index.v1+json",
+    );
+    for (platform, image, digest) in [("linux/amd64", &amd, &amd_d), ("linux/arm64", &arm, &arm_d)]
+    {
+        let src = layout.source("v1");
+        let out = run(&["get", "-q", &src, "--platform", platform]);
+        assert!(ok(&out) == expected_disk(image), "{platform}");
+        let out = run(&["inspect", &src, "--platform", platform]);
+        let text = String::from_utf8_lossy(ok(&out)).into_owned();
+        // Both levels, every platform offered, the chosen one marked.
+        assert!(text.contains(&format!("index:          {outer}")), "{text}");
+        assert!(
+            text.contains(&format!("index:          {platforms}")),
+            "{text}"
+        );
+        assert!(text.contains("chose its only entry"), "{text}");
+        assert!(text.contains(&format!("chose {platform}")), "{text}");
+        assert!(
+            text.contains("linux/arm64") && text.contains("linux/amd64"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "{digest}  application/vnd.oci.image.manifest.v1+json  <- chosen"
+            )),
+            "{text}"
+        );
+        let out = run(&["inspect", "--json", &src, "--platform", platform]);
+        let r: Value = serde_json::from_slice(ok(&out)).unwrap();
+        assert_eq!(r["index"].as_array().unwrap().len(), 2);
+        assert_eq!(r["index"][1]["chosen"], digest.as_str());
+        assert_eq!(r["index"][1]["manifests"].as_array().unwrap().len(), 2);
+        assert_eq!(r["digest"], digest.as_str());
+        assert_eq!(
+            r["size"],
+            std::fs::metadata(layout.blob_path(digest)).unwrap().len()
+        );
+    }
+    // A platform the index lacks names what it has.
+    let line = failure(&run(&[
+        "get",
+        "-q",
+        &layout.source("v1"),
+        "--platform",
+        "linux/s390x",
+    ]));
+    assert!(line.contains("linux/arm64, linux/amd64"), "{line}");
+    // Nesting past the limit is refused, not followed forever.
+    let mut inner = (outer.clone(), outer_bytes.len());
+    for _ in 0..4 {
+        inner = put_index(
+            &layout,
+            json!([{"mediaType": "application/vnd.oci.image.index.v1+json",
+                    "digest": inner.0, "size": inner.1}]),
+            true,
+        );
+    }
+    let deep = std::fs::read(layout.blob_path(&inner.0)).unwrap();
+    layout.put_manifest_bytes(
+        Some("deep"),
+        &deep,
+        "application/vnd.oci.image.index.v1+json",
+    );
+    let line = failure(&run(&["get", "-q", &layout.source("deep")]));
+    assert!(line.contains("nest more than 4 deep"), "{line}");
+}
+
+// ---- 3. oci-archive:FILE[:REF], read in place ----
+
+#[test]
+fn skopeo_oci_archives_are_read_in_place() {
+    let tmp = TempDir::new().unwrap();
+    let (src, image, digest) = cloud_layout(&tmp.path().join("src"), "v1", 9);
+    let tar = tmp.path().join("img.tar");
+    let name = "127.0.0.1:5101/team/img:v1";
+    skopeo(&[
+        "copy",
+        &src.source("v1"),
+        &format!("oci-archive:{}:{name}", tar.display()),
+    ]);
+    let src_ref = format!("oci-archive:{}:{name}", tar.display());
+    let out = run(&["get", "-q", &src_ref]);
+    assert!(ok(&out) == expected_disk(&image));
+    let out = run(&["inspect", "--json", &src_ref]);
+    let r: Value = serde_json::from_slice(ok(&out)).unwrap();
+    assert_eq!(r["digest"], digest.as_str());
+    // By digest, and into a file.
+    let dst = tmp.path().join("out.disk");
+    ok(&run(&[
+        "get",
+        "-q",
+        &format!("oci-archive:{}@{digest}", tar.display()),
+        "-o",
+        dst.to_str().unwrap(),
+    ]));
+    assert!(std::fs::read(&dst).unwrap() == expected_disk(&image));
+    // Nothing was unpacked beside the archive.
+    assert_eq!(
+        names(tmp.path()).keys().cloned().collect::<Vec<_>>(),
+        ["img.tar", "out.disk", "src"]
+    );
+}
+
+#[test]
+fn archive_blobs_move_through_the_kernel_as_ranges_of_the_tar() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("src"));
+    let image = Image::split(&data(3 << 20, 10), 1 << 20);
+    layout.put_image(Some("v1"), &image);
+    let tar = tmp.path().join("img.tar");
+    skopeo(&[
+        "copy",
+        &layout.source("v1"),
+        &format!("oci-archive:{}:v1", tar.display()),
+    ]);
+    // splice into a pipe, with an input offset inside the tar: the bytes
+    // never pass through a buffer of ours.
+    let out = Command::new("strace")
+        .args(["-f", "-e", "trace=splice", "-o"])
+        .arg(tmp.path().join("trace"))
+        .arg(env!("CARGO_BIN_EXE_cloudimg"))
+        .args(["get", "-q", &format!("oci-archive:{}:v1", tar.display())])
+        .stdin(Stdio::null())
+        .output()
+        .expect("strace must be installed (Debian: strace)");
+    assert!(ok(&out) == expected_disk(&image));
+    let trace = std::fs::read_to_string(tmp.path().join("trace")).unwrap();
+    let spliced_from_offsets = trace
+        .lines()
+        .filter(|l| l.contains("splice(") && l.contains(", ["))
+        .count();
+    assert!(spliced_from_offsets >= 3, "{trace}");
+}
+
+#[test]
+fn gnu_and_pax_tars_of_a_layout_read_and_damage_is_caught() {
+    let tmp = TempDir::new().unwrap();
+    let (layout, image, digest) = cloud_layout(&tmp.path().join("l"), "v1", 11);
+    // GNU tar writes "./" names, GNU or pax headers.
+    for format in ["gnu", "posix", "ustar"] {
+        let tar = tmp.path().join(format!("{format}.tar"));
+        tool(
+            "tar",
+            &[
+                "-C",
+                layout.dir.to_str().unwrap(),
+                &format!("--format={format}"),
+                "-cf",
+                tar.to_str().unwrap(),
+                ".",
+            ],
+            "tar",
+        );
+        let out = run(&["get", "-q", &format!("oci-archive:{}:v1", tar.display())]);
+        assert!(ok(&out) == expected_disk(&image), "{format}");
+    }
+    // A blob damaged inside the tar fails its digest, naming the layer.
+    let tar = tmp.path().join("posix.tar");
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let part = &image.layers[0].data;
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &part[..64])
+        .expect("the part is in the tar");
+    bytes[at + 100] ^= 1;
+    std::fs::write(&tar, &bytes).unwrap();
+    let line = failure(&run(&[
+        "get",
+        "-q",
+        &format!("oci-archive:{}:v1", tar.display()),
+    ]));
+    assert!(line.contains("digest mismatch"), "{line}");
+    // A truncated tar, a file that is no tar, a directory, a layout given
+    // as oci-archive: each one clear line.
+    let gnu = std::fs::read(tmp.path().join("gnu.tar")).unwrap();
+    let inside = gnu
+        .windows(64)
+        .position(|w| w == &part[..64])
+        .expect("the part is in the tar");
+    std::fs::write(tmp.path().join("cut.tar"), &gnu[..inside + 10]).unwrap();
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci-archive:{}:v1", tmp.path().join("cut.tar").display()),
+    ]));
+    assert!(line.contains("runs past the end"), "{line}");
+    std::fs::write(tmp.path().join("junk.tar"), vec![b'x'; 2048]).unwrap();
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci-archive:{}", tmp.path().join("junk.tar").display()),
+    ]));
+    assert!(line.contains("not a usable tar archive"), "{line}");
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci-archive:{}", layout.dir.display()),
+    ]));
+    assert!(line.contains("oci:DIR"), "{line}");
+    let line = failure(&run(&[
+        "inspect",
+        &format!("oci:{}", tmp.path().join("gnu.tar").display()),
+    ]));
+    assert!(line.contains("oci-archive:FILE"), "{line}");
+    let _ = digest;
+}
+
+// ---- 1. every example of --help and of README's usage block runs ----
+
+/// The example command lines of `cloudimg --help` and of README's usage block.
+fn documented_examples() -> Vec<String> {
+    let help = run(&["--help"]);
+    let help = String::from_utf8(ok(&help).to_vec()).unwrap();
+    let mut lines: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Examples:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+        .collect();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let usage = &readme[readme.find("## Usage").unwrap()..];
+    let block = &usage[usage.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    lines.extend(block.lines().map(str::to_owned));
+    lines
+}
+
+#[test]
+fn every_help_and_readme_example_runs() {
+    let tmp = TempDir::new().unwrap();
+    let cwd = tmp.path();
+    // A real (empty) qcow2, split the publisher's way: ./win11, tag 25h2.
+    let qcow2 = cwd.join("d.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            qcow2.to_str().unwrap(),
+            "16M",
+        ],
+        "qemu-utils",
+    );
+    let disk = std::fs::read(&qcow2).unwrap();
+    std::fs::remove_file(&qcow2).unwrap();
+    let win11 = Image::split(&disk, 70_000);
+    let win11_layout = LayoutDir::new(&cwd.join("win11"));
+    win11_layout.put_image(Some("25h2"), &win11);
+    // A raw disk: ./debian, tag 12.
+    let raw = data(300_000, 21);
+    let mut debian = Image::split(&raw, 100_000);
+    for l in &mut debian.layers {
+        if l.media_type == QCOW2_PART {
+            l.media_type = "application/vnd.cocoonstack.disk.raw.part".to_owned();
+        }
+    }
+    LayoutDir::new(&cwd.join("debian")).put_image(Some("12"), &debian);
+    skopeo(&[
+        "copy",
+        &format!("oci:{}:25h2", cwd.join("win11").display()),
+        &format!("oci-archive:{}:25h2", cwd.join("win11.tar").display()),
+    ]);
+    // The registry examples: a local registry stands for every host.
+    let reg = common::registry::Registry::start();
+    reg.push_image("windows/win11", "25h2", &win11);
+    let (img_digest, _) = reg.push_image("img", "v1", &win11);
+    let arm = Image::split(&disk, 50_000);
+    let amd = Image::split(&data(1000, 22), 500);
+    for repo in ["org/ubuntu", "org/img"] {
+        let a = reg.push_image(repo, "arm64", &arm);
+        let b = reg.push_image(repo, "amd64", &amd);
+        let tag = if repo == "org/ubuntu" { "24.04" } else { "v1" };
+        reg.push_index(
+            repo,
+            tag,
+            &[(a.0, a.1, "linux", "arm64"), (b.0, b.1, "linux", "amd64")],
+        );
+    }
+    let bin_dir = cwd.join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_cloudimg"), bin_dir.join("cloudimg")).unwrap();
+    let store = cwd.join("store");
+    std::fs::create_dir(&store).unwrap();
+
+    let examples = documented_examples();
+    assert!(examples.len() >= 20, "{examples:?}");
+    for line in &examples {
+        assert!(
+            !line.contains("/dev/stdin") && !line.contains("qemu-img dd"),
+            "{line}"
+        );
+        // Placeholders: the registry host, the digest, the device, the remote host.
+        let cmd = line
+            .replace("ghcr.io", &reg.host())
+            .replace("localhost:5000", &reg.host())
+            .replace("sha256:…", &img_digest)
+            .replace("/dev/sdX", "sdX")
+            .replace("ssh host ", "sh -c ");
+        let out = Command::new("sh")
+            .args(["-c", &cmd])
+            .current_dir(cwd)
+            .env(
+                "PATH",
+                format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+            )
+            .env("EPOCH_SERVER", reg.url())
+            .env("EPOCH_COCOON_BINARY", standin())
+            .env("COCOON_STANDIN_DIR", &store)
+            .env("DOCKER_CONFIG", "/nonexistent")
+            .env_remove("CLOUDIMG_IO")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{line}\n  ran as: {cmd}\n  {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // What they made is what they promise.
+    let disk_of = |name: &str| std::fs::read(cwd.join(name)).unwrap();
+    assert!(disk_of("win11.qcow2") == disk);
+    assert!(disk_of("disk.qcow2") == disk);
+    assert!(disk_of("sdX") == raw);
+    assert!(disk_of("img.qcow2") == disk, "the arm64 entry was chosen");
+    assert!(disk_of("ubuntu.qcow2") == disk);
+    assert_eq!(disk_of("win11.raw").len(), 16 << 20);
+    for name in ["win11", "win11-test"] {
+        assert!(std::fs::read(store.join(name)).unwrap() == disk, "{name}");
+    }
+}
+
+// ---- 9. hints where users stumble ----
+
+#[test]
+fn docker_prefix_paths_and_version() {
+    let tmp = TempDir::new().unwrap();
+    let (layout, image, _) = cloud_layout(&tmp.path().join("l"), "v1", 23);
+    // docker://REF as skopeo spells it.
+    let reg = common::registry::Registry::start();
+    reg.push_image("team/img", "v1", &image);
+    let out = bin()
+        .args(["get", "-q", &format!("docker://{}/team/img:v1", reg.host())])
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(ok(&out) == expected_disk(&image));
+    // A bare path to a layout, or to a tar, is pointed to the right form;
+    // no registry is asked.
+    let dir = layout.dir.display().to_string();
+    let line = failure(&run(&["get", "-q", &dir]));
+    assert!(line.contains(&format!("say oci:{dir}")), "{line}");
+    let tar = tmp.path().join("l.tar");
+    std::fs::write(&tar, b"").unwrap();
+    let out = bin()
+        .args(["inspect", "l.tar"])
+        .current_dir(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    assert!(line.contains("say oci-archive:l.tar"), "{line}");
+    let out = bin()
+        .args(["inspect", "l"])
+        .current_dir(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(failure(&out).contains("say oci:l"));
+    // --version: the version and what the build reads.
+    let out = run(&["--version"]);
+    let text = String::from_utf8_lossy(ok(&out)).into_owned();
+    assert!(
+        text.starts_with(&format!("cloudimg {}\n", env!("CARGO_PKG_VERSION")))
+            && text.contains("oci-archive:")
+            && text.contains("rustls"),
+        "{text}"
+    );
+}
+
+// ---- 10. inspect --json speaks OCI's field names ----
+
+#[test]
+fn inspect_json_uses_oci_field_names() {
+    let tmp = TempDir::new().unwrap();
+    let (layout, image, digest) = cloud_layout(&tmp.path().join("l"), "v1", 24);
+    let out = run(&["inspect", "--json", &layout.source("v1")]);
+    let r: Value = serde_json::from_slice(ok(&out)).unwrap();
+    assert_eq!(r["digest"], digest.as_str());
+    assert_eq!(r["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(r["artifactType"], OS_IMAGE);
+    assert_eq!(r["config"]["mediaType"], EMPTY_CONFIG);
+    assert_eq!(r["annotations"]["cocoonstack.disk.format"], "qcow2");
+    assert_eq!(
+        r["size"],
+        std::fs::metadata(layout.blob_path(&digest)).unwrap().len()
+    );
+    let first = &r["plan"]["layers"][0];
+    assert_eq!(first["mediaType"], QCOW2_PART);
+    assert!(first["digest"].is_string() && first["size"].is_u64());
+    assert_eq!(r["plan"]["skipped"][0]["mediaType"], "text/plain");
+    let text = serde_json::to_string(&r).unwrap();
+    assert!(
+        !text.contains("media_type") && !text.contains("artifact_type"),
+        "{text}"
+    );
+    let _ = image;
+}
