@@ -11,7 +11,7 @@ use argh::FromArgs;
 
 use crate::error::{Error, Result};
 use crate::inspect::Report;
-use crate::manifest::disk_plan;
+use crate::manifest::{Format, disk_plan};
 use crate::output::Target;
 use crate::progress::Progress;
 use crate::pull::{ExecCocoon, Puller};
@@ -133,7 +133,12 @@ command exits 1 naming the layer. With -o FILE (a symlink: the file it names) th
 written into a new file beside FILE, unnamed while written where the file system allows, and \
 renamed over FILE only when complete and verified; only a regular file is ever replaced. A \
 device, pipe or FIFO is written in place, a unix socket connected to. Refuses to write to a \
-terminal."
+terminal.\n\
+--format qcow2 turns a raw image into a qcow2 (version 3, compat 1.1, 64 KiB clusters) as it \
+streams: metadata first, then the clusters that hold data. From a layout, clusters that are all \
+zeros are left out (found in the blob files before the first byte is written); from a registry, \
+where the data arrives once, every cluster is allocated. A qcow2 image is delivered as it is; \
+--format raw of a qcow2 image is refused (use qemu-img convert)."
     )]
     struct GetArgs {
         /// the image (see SOURCE in the top-level help)
@@ -153,6 +158,10 @@ terminal."
         /// always, never (default auto)
         #[argh(option, default = "String::from(\"auto\")")]
         sparse: String,
+        /// the disk format to write: auto (the image's own), qcow2 (a raw image becomes
+        /// a qcow2), raw (default auto)
+        #[argh(option, default = "String::from(\"auto\")")]
+        format: String,
     }
 }
 
@@ -178,7 +187,12 @@ with_source_flags! {
         name = "pull",
         note = "cocoon commits an import when its stdin ends cleanly, so on any failure (read \
 error, size or digest mismatch, SIGINT/SIGTERM) cocoon's process group is killed before its stdin \
-is closed: a broken or unverified image is never committed."
+is closed: a broken or unverified image is never committed.\n\
+cocoon's import takes a qcow2: a raw image is streamed as a qcow2 (version 3, compat 1.1; from a \
+layout without its zero clusters, from a registry with every cluster allocated); --format raw \
+sends the raw bytes instead. Before cocoon starts, the disk's first bytes are checked against its \
+format (a qcow2 starts with QFI\\xfb), so a mislabelled or mis-sorted image fails naming its \
+first layer."
     )]
     struct PullArgs {
         /// the image (see SOURCE in the top-level help)
@@ -193,6 +207,10 @@ is closed: a broken or unverified image is never committed."
         /// no progress, no summary line
         #[argh(switch, short = 'q')]
         quiet: bool,
+        /// what cocoon is sent: qcow2 (a raw image becomes a qcow2) or raw (the image's
+        /// bytes as they are) (default qcow2)
+        #[argh(option, default = "String::from(\"qcow2\")")]
+        format: String,
     }
 }
 
@@ -261,14 +279,27 @@ fn parse_sparse(s: &str) -> std::result::Result<Sparse, String> {
     }
 }
 
+/// `--format`: `None` for auto (where allowed), else the format.
+fn parse_format(s: &str, auto: bool) -> std::result::Result<Option<Format>, String> {
+    match s {
+        "auto" if auto => Ok(None),
+        "qcow2" => Ok(Some(Format::Qcow2)),
+        "raw" => Ok(Some(Format::Raw)),
+        other if auto => Err(format!("--format {other:?}: expected auto, qcow2 or raw")),
+        other => Err(format!("--format {other:?}: expected qcow2 or raw")),
+    }
+}
+
 /// The first usage error in the command's flag values, if any.
 fn usage_error(command: &Command) -> Option<String> {
     let checked = match command {
-        Command::Get(a) => {
-            parse_sparse(&a.sparse).and_then(|_| check_source_flags(&a.source_flags()))
-        }
+        Command::Get(a) => parse_sparse(&a.sparse)
+            .and_then(|_| parse_format(&a.format, true))
+            .and_then(|_| check_source_flags(&a.source_flags())),
         Command::Inspect(a) => check_source_flags(&a.source_flags()),
-        Command::Pull(a) => check_source_flags(&a.source_flags()),
+        Command::Pull(a) => {
+            parse_format(&a.format, false).and_then(|_| check_source_flags(&a.source_flags()))
+        }
     };
     checked.err()
 }
@@ -443,11 +474,15 @@ fn get(a: GetArgs) -> Result<()> {
     let reference = Reference::parse(&a.source)?;
     let opts = Options {
         sparse: parse_sparse(&a.sparse).map_err(Error::Other)?,
+        format: parse_format(&a.format, true).map_err(Error::Other)?,
         ..options(a.no_verify)
     };
     let source = source::open(&reference, &a.source_options()?)?;
     let resolved = source.resolve()?;
     let plan = disk_plan(&resolved.manifest)?;
+    if (plan.format, opts.format) == (Format::Qcow2, Some(Format::Raw)) {
+        return Err(crate::qcow2::no_raw_from_qcow2());
+    }
     let mut progress = Progress::new(plan.total, a.quiet);
     let result = match target {
         Some(target) => target.open().and_then(|out| {
@@ -496,7 +531,10 @@ fn pull(a: PullArgs) -> Result<()> {
     }
     let source = source::open(&reference, &a.source_options()?)?;
     let cocoon = ExecCocoon::from_env();
-    let opts = options(a.no_verify);
+    let opts = Options {
+        format: parse_format(&a.format, false).map_err(Error::Other)?,
+        ..options(a.no_verify)
+    };
     let mut progress = Progress::new(0, a.quiet);
     let puller = Puller {
         source: &*source,

@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod output;
 pub mod progress;
 pub mod pull;
+pub mod qcow2;
 pub mod reference;
 pub mod route;
 pub mod signals;

@@ -156,10 +156,12 @@ impl Puller<'_> {
     pub fn pull(&self, name: &str, opts: &Options, progress: &mut Progress) -> Result<DiskPlan> {
         let resolved = self.source.resolve()?;
         let plan = disk_plan(&resolved.manifest)?;
+        // The disk's first bytes match its format before cocoon sees any.
+        let source = crate::qcow2::check_start(&plan, self.source, opts.format)?;
         progress.set_total(plan.total);
         let import = self.cocoon.image_import(name)?;
         let streamed = Sink::new(import.stdin())
-            .and_then(|sink| stream::stream_plan(&plan, self.source, &sink, opts, progress));
+            .and_then(|sink| stream::stream_plan(&plan, &*source, &sink, opts, progress));
         match streamed {
             Ok(()) => import.finish().map(|()| plan),
             Err(e) => {
