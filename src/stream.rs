@@ -563,6 +563,72 @@ mod tests {
     }
 
     #[test]
+    fn kept_ranges_are_written_and_the_bytes_between_must_be_zeros() {
+        let keep = [Range { offset: 2, len: 3 }, Range { offset: 8, len: 4 }];
+        let mut out = Vec::new();
+        let mut next = 0;
+        // Two chunks of one blob: 0..6 and 6..14, a kept range cut by the
+        // chunk boundary.
+        let blob = [0, 0, 1, 2, 3, 0, 0, 0, 4, 5, 6, 7, 0, 0];
+        for (at, chunk) in [(0u64, &blob[..6]), (6, &blob[6..])] {
+            let mut put = |b: &[u8]| {
+                out.extend_from_slice(b);
+                Ok(())
+            };
+            put_kept(chunk, at, &keep, &mut next, "blob", &mut put).unwrap();
+        }
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7]);
+        // A byte that is no longer zero between kept ranges fails the stream.
+        let mut changed = blob;
+        changed[6] = 9;
+        let mut next = 0;
+        let e = put_kept(
+            &changed,
+            0,
+            &keep,
+            &mut next,
+            "layer \"p\"",
+            &mut |_| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("layer \"p\": the blob changed while it was streamed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_raw_disk_asked_for_as_qcow2_is_framed_on_every_route() {
+        // The first part is all zeros: from files it is left out of the
+        // image, from streams (read once) it is allocated like the rest.
+        let parts = vec![vec![0u8; 100_000], bytes(200_000, 2), bytes(70_000, 3)];
+        let mut images = Vec::new();
+        for (as_files, kernel) in [(true, true), (true, false), (false, true)] {
+            let (plan, fake) = setup(&parts, &parts, as_files);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            let out = File::create_new(&path).unwrap();
+            let sink = Sink::new(out.as_fd()).unwrap();
+            let opts = Options {
+                format: Some(Format::Qcow2),
+                kernel_copy: kernel,
+                ..Options::default()
+            };
+            let mut progress = Progress::new(plan.total, true);
+            stream_plan(&plan, &fake, &sink, &opts, &mut progress).unwrap();
+            let image = std::fs::read(&path).unwrap();
+            assert_eq!(&image[..4], b"QFI\xfb");
+            assert_eq!(progress.bytes(), image.len() as u64);
+            images.push(image);
+        }
+        // Files: 370 000 bytes from cluster 1 on (cluster 0 is zeros):
+        // clusters 1..=5, five of them; streams: all six.
+        assert!(images[0] == images[1], "kernel and buffered routes differ");
+        assert_eq!(images[2].len() - images[0].len(), 65536);
+    }
+
+    #[test]
     fn a_wrong_digest_fails_on_every_route_unless_unverified() {
         let parts = vec![bytes(2 << 20, 1), bytes(1 << 20, 2)];
         let mut served = parts.clone();
