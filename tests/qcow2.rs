@@ -471,3 +471,104 @@ fn large_layouts_pass_qemu_img_check() {
     map.set(clusters - 1);
     check_metadata(&Layout::new(size, map).unwrap(), "sparse 5 TiB");
 }
+
+// A local user flips the one 4 KiB block of data in a cluster between zeros
+// and its bytes, every 200 µs — so the zero scan may find the cluster empty
+// and leave it out — while `get --format qcow2` streams the blob. A success must still be an image of the original disk
+// (the cluster may or may not be allocated, depending on what the scan
+// saw): the blob was leased before the scan (a writer breaks the lease), or
+// its bytes pass through a buffer where the ones left out are checked for
+// zeros as they are hashed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Flip the 4 KiB at `at` of `path` between zeros and `original` until
+/// `stop`, then put `original` back; `hold`: one fd open for writing
+/// throughout (no lease can be had), else a new open for every flip (each
+/// breaks a lease).
+fn flipper(
+    path: &Path,
+    at: u64,
+    original: Vec<u8>,
+    hold: bool,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let path = path.to_owned();
+    let open = move || std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let held = hold.then(&open);
+    std::thread::spawn(move || {
+        let zeros = vec![0u8; original.len()];
+        let mut flip = false;
+        while !stop.load(Ordering::Relaxed) {
+            let bytes = if flip { &original } else { &zeros };
+            match &held {
+                Some(f) => f.write_all_at(bytes, at).unwrap(),
+                None => open().write_all_at(bytes, at).unwrap(),
+            }
+            flip = !flip;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        open().write_all_at(&original, at).unwrap();
+    })
+}
+
+#[test]
+fn a_blob_flipping_between_zeros_and_data_never_yields_a_verified_wrong_image() {
+    let tmp = TempDir::new().unwrap();
+    // 16 MiB: data, zeros with one 4 KiB block of data amid them, data; one
+    // part.
+    let block = 8 * MIB + 12_288;
+    let disk = zeros_with(
+        16 * MIB,
+        &[(0, 4 * MIB), (block, 4096), (12 * MIB, 4 * MIB)],
+        60,
+    );
+    let layout = LayoutDir::new(&tmp.path().join("layout"));
+    layout.put_image(Some("v1"), &raw_image(&disk, disk.len()));
+    let blob = layout.blob_path(&sha256(&disk));
+    let source = layout.source("v1");
+    let raw = tmp.path().join("disk.raw");
+    std::fs::write(&raw, &disk).unwrap();
+    let target = tmp.path().join("out.qcow2");
+    let piped = tmp.path().join("piped.qcow2");
+    let mut ok = 0;
+    for hold in [true, false] {
+        for to_file in [true, false] {
+            for round in 0..8 {
+                let what = format!("hold={hold} to_file={to_file} round {round}");
+                let stop = Arc::new(AtomicBool::new(false));
+                let original = disk[block..block + 4096].to_vec();
+                let writer = flipper(&blob, block as u64, original, hold, Arc::clone(&stop));
+                std::thread::sleep(Duration::from_millis(2));
+                let mut args = vec!["get", "-q", "--format", "qcow2", source.as_str()];
+                if to_file {
+                    args.extend(["-o", target.to_str().unwrap()]);
+                }
+                let out = run(&args);
+                stop.store(true, Ordering::Relaxed);
+                writer.join().unwrap();
+                if out.status.success() {
+                    if !to_file {
+                        std::fs::write(&piped, &out.stdout).unwrap();
+                    }
+                    let got = if to_file { &target } else { &piped };
+                    assert_valid_qcow2(&raw, got, &what);
+                    ok += 1;
+                } else {
+                    let line = failure(&out);
+                    assert!(
+                        line.contains("digest mismatch")
+                            || line.contains("opened for writing")
+                            || line.contains("changed while it was streamed"),
+                        "{what}: {line}"
+                    );
+                    assert!(!target.exists(), "{what}: {line}");
+                }
+                let _ = std::fs::remove_file(&target);
+            }
+        }
+    }
+    println!("{ok} of 32 runs succeeded");
+}
