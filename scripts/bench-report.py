@@ -208,6 +208,11 @@ def main():
     w("- **8, ≥ 3× `cat > file`**: verified, cloudimg reads and hashes all of the disk (the "
       "zeros too); on two cores hashing bounds the wall time. Without verification it is "
       "≥ 3× `cat` and on par with `cp --sparse=always`, which verifies nothing either.")
+    w("- **9, ≥ 3× `get -o disk.raw && qemu-img convert`**: both read and hash the whole "
+      "disk (cloudimg also scans it for zero clusters before it writes the header); the "
+      "peer also writes and syncs the raw file and reads it again. Where it is missed, "
+      "look at the machine's load: on 2 cores shared with other work, hashing time "
+      "(the same in both) stretches and the ratio falls.")
     w("- **2 and 3 depend on the peer's Go**: Debian's Go 1.19 has no SHA-NI code for "
       "sha256; a Go ≥ 1.21 build of the reference would hash several times faster.")
     w("")
