@@ -88,6 +88,8 @@ benches/peers/build.sh "$peers" 2>/dev/null
 mkdir -p "$work"
 only=${BENCH_ONLY:-}
 want() { [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; }
+# want_any SCENARIO...: one of them is to run (fixtures are made for those only).
+want_any() { local s; for s; do want "$s" && return 0; done; return 1; }
 if [ -z "$only" ]; then
     rm -f "$results"
 elif [ -f "$results" ]; then
@@ -127,16 +129,20 @@ make_image() {
 
 say "fixtures: ${mib} MiB disk in ${part_mib} MiB parts, ${small_mib} MiB, ${cap_mib} MiB, sparse"
 make_image big "$mib" "$part_mib" application/vnd.cocoonstack.disk.raw.part
-make_image small "$small_mib" "$part_mib" application/vnd.cocoonstack.disk.raw.part
-make_image capped "$cap_mib" "$(( cap_mib / 3 + 1 ))" application/vnd.cocoonstack.disk.raw.part
-make_image sparse "$(( sparse_data_mib * 16 ))" "$part_mib" application/vnd.cocoonstack.disk.raw.part sparse
-# cp's input is dense like the parts (zeros written out), not the sparse original.
-[ -f "$work/sparse/dense" ] || cat "$work"/sparse/parts/disk.*.part > "$work/sparse/dense"
+want_any 6 && make_image small "$small_mib" "$part_mib" application/vnd.cocoonstack.disk.raw.part
+want_any 7 && make_image capped "$cap_mib" "$(( cap_mib / 3 + 1 ))" application/vnd.cocoonstack.disk.raw.part
+if want_any 8 12; then
+    make_image sparse "$(( sparse_data_mib * 16 ))" "$part_mib" application/vnd.cocoonstack.disk.raw.part sparse
+    # cp's input is dense like the parts (zeros written out), not the sparse original.
+    [ -f "$work/sparse/dense" ] || cat "$work"/sparse/parts/disk.*.part > "$work/sparse/dense"
+fi
 big=$work/big
 parts=("$big"/parts/disk.*.part)
 layout="oci:$big/layout:v1"
 disk_bytes=$(stat -c %s "$big/disk")
 
+regref=none
+if want_any 3 5 6; then
 say "a local docker-registry holding the image"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$work/registry"
@@ -152,6 +158,8 @@ for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break
 reg=http://127.0.0.1:$port
 scripts/registry-push.sh "$big/layout" v1 "$reg" bench/disk 2>/dev/null
 regref=127.0.0.1:$port/bench/disk:v1
+fi
+reg=${reg:-none}
 # ---------------------------------------------------------------- measuring
 # run SCENARIO NAME BYTES CMD: the wall time of the whole pipeline CMD, and the
 # user+sys CPU and peak RSS of the command wrapped in `T` (cloudimg itself, or
@@ -207,9 +215,23 @@ for ((r = 1; r <= runs; r++)); do
         rm -f part.* disk'"
     rm -rf "$store" "$work/recipe"
     # 6: memory at two sizes, layout and registry.
-    run 6 cloudimg-layout-small "$(stat -c %s "$work/small/disk")" "\$T $bin get -q oci:$work/small/layout:v1 | $consumer"
+    want 6 && run 6 cloudimg-layout-small "$(stat -c %s "$work/small/disk")" "\$T $bin get -q oci:$work/small/layout:v1 | $consumer"
     run 6 cloudimg-layout-big "$disk_bytes" "\$T $bin get -q $layout | $consumer"
     run 6 cloudimg-registry-big "$disk_bytes" "\$T $bin get -q --connections 4 $regref | $consumer"
+    # 12: a raw disk with scattered data, from a layout, into a qcow2 file:
+    # cloudimg's stream writer against the two steps it saves.
+    want 12 && sparse_bytes=$(stat -c %s "$work/sparse/disk")
+    rm -f "$work"/out12*
+    run 12 cloudimg-qcow2 "$sparse_bytes" "\$T $bin get -q --format qcow2 oci:$work/sparse/layout:v1 -o $work/out12.qcow2"
+    want 12 && printf '12\tcloudimg-file-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(( $(stat -c %s "$work/out12.qcow2") / 1024 ))" >> "$results"
+    rm -f "$work"/out12*
+    run 12 get-raw-then-qemu-img-convert "$sparse_bytes" "\$T bash -c '$bin get -q oci:$work/sparse/layout:v1 -o $work/out12.raw && qemu-img convert -f raw -O qcow2 $work/out12.raw $work/out12-conv.qcow2 && sync $work/out12-conv.qcow2'"
+    want 12 && printf '12\tqemu-img-convert-file-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(( $(stat -c %s "$work/out12-conv.qcow2") / 1024 ))" >> "$results"
+    rm -f "$work"/out12*
+    # 13: a fully random raw disk as qcow2 through a pipe (what pull sends
+    # cocoon), against the raw bytes.
+    run 13 cloudimg-qcow2 "$disk_bytes" "\$T $bin get -q --format qcow2 $layout | $consumer"
+    run 13 get-format-raw "$disk_bytes" "\$T $bin get -q --format raw $layout | $consumer"
 done
 
 # 7: rate-capped object storage (50 MB/s per connection), fewer rounds: slow by design.

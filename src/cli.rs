@@ -12,7 +12,7 @@ use argh::FromArgs;
 
 use crate::error::{Error, Result};
 use crate::inspect::Report;
-use crate::manifest::disk_plan;
+use crate::manifest::{Format, disk_plan};
 use crate::output::Target;
 use crate::progress::Progress;
 use crate::pull::{ENV_COCOON, ExecCocoon, Puller};
@@ -144,7 +144,12 @@ command exits 1 naming the layer. With -o FILE (a symlink: the file it names) th
 written into a new file beside FILE, unnamed while written where the file system allows, and \
 renamed over FILE only when complete and verified; only a regular file is ever replaced. A \
 device, pipe or FIFO is written in place, a unix socket connected to. Refuses to write to a \
-terminal."
+terminal.\n\
+--format qcow2 turns a raw image into a qcow2 (version 3, compat 1.1, 64 KiB clusters) as it \
+streams: metadata first, then the clusters that hold data. From a layout, clusters that are all \
+zeros are left out (found in the blob files before the first byte is written); from a registry, \
+where the data arrives once, every cluster is allocated. A qcow2 image is delivered as it is; \
+--format raw of a qcow2 image is refused (use qemu-img convert)."
     )]
     struct GetArgs {
         /// the image (see SOURCE in the top-level help)
@@ -164,6 +169,10 @@ terminal."
         /// always, never (default auto)
         #[argh(option, default = "String::from(\"auto\")")]
         sparse: String,
+        /// the disk format to write: auto (the image's own), qcow2 (a raw image becomes
+        /// a qcow2), raw (default auto)
+        #[argh(option, default = "String::from(\"auto\")")]
+        format: String,
     }
 }
 
@@ -190,7 +199,12 @@ with_source_flags! {
         note = "cocoon commits an import when its stdin ends cleanly, so on any failure (read \
 error, size or digest mismatch, a signal) cocoon's process group is killed before its stdin is \
 closed, and a guardian process holds the pipe open should cloudimg itself be killed: a broken or \
-unverified image is never committed. cocoon runs in a session of its own, without a terminal."
+unverified image is never committed. cocoon runs in a session of its own, without a terminal.\n\
+cocoon's import takes a qcow2: a raw image is streamed as a qcow2 (version 3, compat 1.1; from a \
+layout without its zero clusters, from a registry with every cluster allocated); --format raw \
+sends the raw bytes instead. Before cocoon starts, the disk's first bytes are checked against its \
+format (a qcow2 starts with QFI\\xfb), so a mislabelled or mis-sorted image fails naming its \
+first layer."
     )]
     struct PullArgs {
         /// the image (see SOURCE in the top-level help)
@@ -205,6 +219,10 @@ unverified image is never committed. cocoon runs in a session of its own, withou
         /// no progress, no summary line
         #[argh(switch, short = 'q')]
         quiet: bool,
+        /// what cocoon is sent: qcow2 (a raw image becomes a qcow2) or raw (the image's
+        /// bytes as they are) (default qcow2)
+        #[argh(option, default = "String::from(\"qcow2\")")]
+        format: String,
     }
 }
 
@@ -361,14 +379,31 @@ fn parse_sparse(s: &str) -> Result<Sparse> {
     }
 }
 
+/// `--format`: `None` for auto (where allowed), else the format.
+fn parse_format(s: &str, auto: bool) -> Result<Option<Format>> {
+    match s {
+        "auto" if auto => Ok(None),
+        "qcow2" => Ok(Some(Format::Qcow2)),
+        "raw" => Ok(Some(Format::Raw)),
+        other if auto => Err(Error::Usage(format!(
+            "--format {other:?}: expected auto, qcow2 or raw"
+        ))),
+        other => Err(Error::Usage(format!(
+            "--format {other:?}: expected qcow2 or raw"
+        ))),
+    }
+}
+
 /// The first usage error in the command's flag values, if any.
 fn check_usage(command: &Command) -> Result<()> {
     match command {
-        Command::Get(a) => {
-            parse_sparse(&a.sparse).and_then(|_| check_source_flags(&a.source_flags()))
-        }
+        Command::Get(a) => parse_sparse(&a.sparse)
+            .and_then(|_| parse_format(&a.format, true))
+            .and_then(|_| check_source_flags(&a.source_flags())),
         Command::Inspect(a) => check_source_flags(&a.source_flags()),
-        Command::Pull(a) => check_source_flags(&a.source_flags()),
+        Command::Pull(a) => {
+            parse_format(&a.format, false).and_then(|_| check_source_flags(&a.source_flags()))
+        }
         Command::Serve(a) => check_serve_flags(a),
     }
 }
@@ -574,11 +609,15 @@ fn get(a: GetArgs, env: &Environment) -> Result<()> {
     let reference = Reference::parse(&a.source)?;
     let opts = Options {
         sparse: parse_sparse(&a.sparse)?,
+        format: parse_format(&a.format, true)?,
         ..options(a.no_verify, env)
     };
     let source = source::open(&reference, &a.source_options(env)?)?;
     let resolved = source.resolve()?;
     let plan = disk_plan(&resolved.manifest)?;
+    if (plan.format, opts.format) == (Format::Qcow2, Some(Format::Raw)) {
+        return Err(crate::qcow2::no_raw_from_qcow2());
+    }
     let mut progress = Progress::new(plan.total, a.quiet);
     let result = match target {
         Some(target) => target.open().and_then(|out| {
@@ -645,7 +684,10 @@ fn pull(a: PullArgs, env: &Environment) -> Result<()> {
     let cocoon = ExecCocoon {
         binary: env.cocoon.clone().unwrap_or_else(|| "cocoon".into()),
     };
-    let opts = options(a.no_verify, env);
+    let opts = Options {
+        format: parse_format(&a.format, false)?,
+        ..options(a.no_verify, env)
+    };
     let mut progress = Progress::new(0, a.quiet);
     let puller = Puller {
         source: &*source,

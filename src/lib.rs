@@ -39,6 +39,7 @@ pub mod manifest;
 pub(crate) mod output;
 pub(crate) mod progress;
 pub(crate) mod pull;
+pub mod qcow2;
 pub mod reference;
 pub(crate) mod route;
 pub(crate) mod serve;

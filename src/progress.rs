@@ -36,6 +36,12 @@ impl Progress {
         self.total = total;
     }
 
+    /// Bytes recorded so far.
+    #[cfg(test)]
+    pub fn bytes(&self) -> u64 {
+        self.done
+    }
+
     /// Record `n` more bytes written.
     pub(crate) fn advance(&mut self, n: u64) {
         self.done += n;

@@ -190,10 +190,12 @@ impl Puller<'_> {
     pub fn pull(&self, name: &str, opts: &Options, progress: &mut Progress) -> Result<DiskPlan> {
         let resolved = self.source.resolve()?;
         let plan = disk_plan(&resolved.manifest)?;
+        // The disk's first bytes match its format before cocoon sees any.
+        let source = crate::qcow2::check_start(&plan, self.source, opts.format)?;
         progress.set_total(plan.total);
         let import = self.cocoon.image_import(name)?;
         let streamed = Sink::new(import.stdin())
-            .and_then(|sink| stream::stream_plan(&plan, self.source, &sink, opts, progress));
+            .and_then(|sink| stream::stream_plan(&plan, &*source, &sink, opts, progress));
         match streamed {
             Ok(()) => import.finish().map(|()| plan),
             Err(e) => {
@@ -399,8 +401,12 @@ mod tests {
     }
 
     /// More than a grown pipe holds, so a reader that stops early is seen.
+    /// A 3 MiB "qcow2" disk: the magic (checked before cocoon starts), then
+    /// a pattern.
     fn disk() -> Vec<u8> {
-        (0..3 << 20).map(|i| (i % 251) as u8).collect()
+        let mut d: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        d[..4].copy_from_slice(b"QFI\xfb");
+        d
     }
 
     fn exit_status(code: i32) -> ExitStatus {

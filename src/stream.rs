@@ -6,6 +6,11 @@
 //! Each blob opened gets its [`Route`] from [`route::choose`]: a kernel
 //! route ([`Copier`], hashed beside the copy by the [`Verifier`] under a
 //! read lease) or a buffered one ([`Buffered`], hashed as written).
+//!
+//! A raw disk asked for as qcow2 is framed by a [`Qcow2Frame`]: its
+//! metadata goes first, each blob then delivers only the ranges that hold
+//! data (the rest is hashed all the same, and checked for zeros where it
+//! passes through a buffer), and zeros fill the last cluster.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -17,10 +22,11 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::holes::HoleWriter;
+use crate::holes::{HoleWriter, is_zero};
 use crate::lease::{self, Leases};
 use crate::manifest::{DiskLayer, DiskPlan, Format};
 use crate::progress::Progress;
+use crate::qcow2::{self, FileBlob, Qcow2Frame};
 use crate::route::{self, BlobKind, Policy, Route, Sparse};
 use crate::signals;
 use crate::sink::Sink;
@@ -41,6 +47,9 @@ pub struct Options {
     /// Let the kernel move file blobs (`CLOUDIMG_IO=readwrite` turns this
     /// off, for tests and benchmarks of the portable path).
     pub kernel_copy: bool,
+    /// The disk format to deliver (`None`: the image's own). A raw disk
+    /// can be delivered as qcow2; a qcow2 disk only as itself.
+    pub format: Option<Format>,
 }
 
 impl Default for Options {
@@ -50,6 +59,7 @@ impl Default for Options {
             hash_threads: verify::default_threads(),
             sparse: Sparse::Auto,
             kernel_copy: true,
+            format: None,
         }
     }
 }
@@ -80,7 +90,13 @@ pub fn stream_plan(
     opts: &Options,
     progress: &mut Progress,
 ) -> Result<()> {
-    let sparse = match (opts.sparse, plan.format) {
+    let output = opts.format.unwrap_or(plan.format);
+    let mut frame = match (plan.format, output) {
+        (Format::Raw, Format::Qcow2) => Some(Qcow2Frame::new(plan)?),
+        (Format::Qcow2, Format::Raw) => return Err(qcow2::no_raw_from_qcow2()),
+        _ => None,
+    };
+    let sparse = match (opts.sparse, output) {
         (Sparse::Auto, Format::Qcow2) => Sparse::Never,
         (mode, _) => mode,
     };
@@ -114,6 +130,9 @@ pub fn stream_plan(
             opened.push_back(planned);
             next += 1;
         }
+        if let (0, Some(frame)) = (slot, frame.as_mut()) {
+            frame_head(frame, &opened, &mut buffered, progress)?;
+        }
         signals::check()?;
         let Planned {
             blob,
@@ -121,13 +140,21 @@ pub fn stream_plan(
             leased,
         } = opened.pop_front().expect("the current blob is open");
         let label = layer.label();
+        // With a frame, the ranges of the blob that are delivered.
+        let keep = frame.as_ref().map(|f| f.keep(slot));
         match (blob, route) {
             (Opened::File { file, offset, len }, Route::Kernel(strategies)) => {
                 {
                     let lease = leased.then_some((&*file, label.as_str()));
                     let mut tick = ticker(progress, &verifier, lease);
-                    let range = Range { offset, len };
-                    copier.copy_range(&file, range, strategies, &label, &mut tick)?;
+                    let whole = [Range { offset: 0, len }];
+                    for r in keep.as_deref().unwrap_or(&whole) {
+                        let range = Range {
+                            offset: offset + r.offset,
+                            len: r.len,
+                        };
+                        copier.copy_range(&file, range, strategies, &label, &mut tick)?;
+                    }
                 }
                 if leased {
                     leases.keep(file, label);
@@ -136,18 +163,51 @@ pub fn stream_plan(
             (Opened::File { file, offset, len }, Route::Buffered { .. }) => {
                 let mut range = FileRange::new(&file, Range { offset, len });
                 let mut tick = ticker(progress, &verifier, None);
-                buffered.run(&mut range, layer, &label, &mut tick)?;
+                buffered.run(&mut range, layer, &label, keep.as_deref(), &mut tick)?;
             }
             (Opened::Stream(mut body), _) => {
                 let mut tick = ticker(progress, &verifier, None);
-                buffered.run(&mut *body, layer, &label, &mut tick)?;
+                buffered.run(&mut *body, layer, &label, keep.as_deref(), &mut tick)?;
             }
         }
+    }
+    if let Some(frame) = &frame {
+        let tail = frame.tail();
+        buffered.put(&tail)?;
+        progress.advance(tail.len() as u64);
     }
     buffered.finish()?;
     verifier.finish()?;
     leases.release(sink)?;
     signals::check()
+}
+
+/// Lay out the qcow2 image once the first blobs are open (all of a
+/// layout's) and write its metadata, before any byte of the disk.
+fn frame_head(
+    frame: &mut Qcow2Frame,
+    opened: &VecDeque<Planned>,
+    out: &mut Buffered<'_>,
+    progress: &mut Progress,
+) -> Result<()> {
+    let files: Vec<FileBlob<'_>> = opened
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, p)| match &p.blob {
+            Opened::File { file, offset, .. } => Some(FileBlob {
+                slot,
+                file,
+                offset: *offset,
+            }),
+            Opened::Stream(_) => None,
+        })
+        .collect();
+    progress.set_total(frame.plan(&files)?);
+    frame.head(&mut |bytes| {
+        out.put(bytes)?;
+        progress.advance(bytes.len() as u64);
+        signals::check()
+    })
 }
 
 /// Decide an opened blob's route; a file blob on its way to a kernel route
@@ -225,12 +285,15 @@ impl<'fd> Buffered<'fd> {
     }
 
     /// Move exactly `layer.size` bytes of `body` into the sink and check
-    /// them; more or fewer bytes than the size is an error.
+    /// them; more or fewer bytes than the size is an error. With `keep`,
+    /// only those ranges of the blob are written, and every other byte must
+    /// be zero (it is hashed all the same).
     fn run(
         &mut self,
         body: &mut dyn Read,
         layer: &DiskLayer,
         label: &str,
+        keep: Option<&[Range]>,
         tick: Tick<'_>,
     ) -> Result<()> {
         if self.verify && self.hasher.is_none() {
@@ -243,6 +306,7 @@ impl<'fd> Buffered<'fd> {
         let size = layer.size;
         let mut left = size;
         let mut hasher = hasher;
+        let mut next_kept = 0;
         while left > 0 {
             let mut buf = match hasher.as_deref_mut() {
                 Some(h) => h.buffer()?,
@@ -262,17 +326,21 @@ impl<'fd> Buffered<'fd> {
                     Err(e) => return Err(Error::from_read(label, e)),
                 }
             }
-            let written = match self.holes.as_mut() {
-                Some(h) => h.write(&buf[..n]),
-                None => write_all(self.out, &buf[..n]),
+            let (out, holes) = (self.out, &mut self.holes);
+            let mut put = |bytes: &[u8]| put(out, holes, bytes);
+            let written = match keep {
+                None => put(&buf[..n]).map(|()| n as u64)?,
+                Some(keep) => {
+                    let at = size - left;
+                    put_kept(&buf[..n], at, keep, &mut next_kept, label, &mut put)?
+                }
             };
-            written.map_err(output_error)?;
             left -= n as u64;
             match hasher.as_deref_mut() {
                 Some(h) => h.feed(buf, n)?,
                 None => self.buf = buf,
             }
-            tick(n as u64)?;
+            tick(written)?;
         }
         // One more read must find the end: a longer body is not the blob.
         let mut probe = [0u8; 1];
@@ -290,6 +358,11 @@ impl<'fd> Buffered<'fd> {
         }
     }
 
+    /// Write bytes of our own (a frame's metadata or padding).
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        put(self.out, &mut self.holes, bytes)
+    }
+
     /// A file that ends in a hole gets its length.
     fn finish(&mut self) -> Result<()> {
         match self.holes.as_mut() {
@@ -299,6 +372,54 @@ impl<'fd> Buffered<'fd> {
             None => Ok(()),
         }
     }
+}
+
+/// Write `bytes` into the sink, leaving holes for zero blocks when asked to.
+fn put(out: BorrowedFd<'_>, holes: &mut Option<HoleWriter<'_>>, bytes: &[u8]) -> Result<()> {
+    match holes.as_mut() {
+        Some(h) => h.write(bytes),
+        None => write_all(out, bytes),
+    }
+    .map_err(output_error)
+}
+
+/// Write the parts of `chunk` (the blob's bytes from `at`) that lie in the
+/// `keep` ranges; the parts between them must be zeros, as they were when
+/// the image was laid out. `next` is the first range not yet passed.
+/// Returns the bytes written.
+fn put_kept(
+    chunk: &[u8],
+    at: u64,
+    keep: &[Range],
+    next: &mut usize,
+    label: &str,
+    put: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    let end = at + chunk.len() as u64;
+    let slice = |from: u64, to: u64| &chunk[(from - at) as usize..(to - at) as usize];
+    let mut pos = at;
+    let mut written = 0;
+    while pos < end {
+        while keep.get(*next).is_some_and(|r| r.offset + r.len <= pos) {
+            *next += 1;
+        }
+        let (from, to) = match keep.get(*next) {
+            Some(r) => (r.offset.clamp(pos, end), (r.offset + r.len).min(end)),
+            None => (end, end),
+        };
+        if !is_zero(slice(pos, from)) {
+            return Err(Error::Integrity(format!(
+                "{label}: the blob changed while it was streamed (bytes that were zeros when \
+                 the image was laid out hold data now); the output cannot be vouched for"
+            )));
+        }
+        if from < to {
+            put(slice(from, to))?;
+            written += to - from;
+        }
+        pos = to.max(from);
+    }
+    Ok(written)
 }
 
 /// A failed write into the sink: a signal, or what the kernel said.
@@ -425,6 +546,72 @@ mod tests {
         let (plan, fake) = setup(&parts, &served, false);
         let e = run(&plan, &fake, true).1.unwrap_err().to_string();
         assert!(e.contains("oversized"), "{e}");
+    }
+
+    #[test]
+    fn kept_ranges_are_written_and_the_bytes_between_must_be_zeros() {
+        let keep = [Range { offset: 2, len: 3 }, Range { offset: 8, len: 4 }];
+        let mut out = Vec::new();
+        let mut next = 0;
+        // Two chunks of one blob: 0..6 and 6..14, a kept range cut by the
+        // chunk boundary.
+        let blob = [0, 0, 1, 2, 3, 0, 0, 0, 4, 5, 6, 7, 0, 0];
+        for (at, chunk) in [(0u64, &blob[..6]), (6, &blob[6..])] {
+            let mut put = |b: &[u8]| {
+                out.extend_from_slice(b);
+                Ok(())
+            };
+            put_kept(chunk, at, &keep, &mut next, "blob", &mut put).unwrap();
+        }
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7]);
+        // A byte that is no longer zero between kept ranges fails the stream.
+        let mut changed = blob;
+        changed[6] = 9;
+        let mut next = 0;
+        let e = put_kept(
+            &changed,
+            0,
+            &keep,
+            &mut next,
+            "layer \"p\"",
+            &mut |_| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("layer \"p\": the blob changed while it was streamed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_raw_disk_asked_for_as_qcow2_is_framed_on_every_route() {
+        // The first part is all zeros: from files it is left out of the
+        // image, from streams (read once) it is allocated like the rest.
+        let parts = vec![vec![0u8; 100_000], bytes(200_000, 2), bytes(70_000, 3)];
+        let mut images = Vec::new();
+        for (as_files, kernel) in [(true, true), (true, false), (false, true)] {
+            let (plan, fake) = setup(&parts, &parts, as_files);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            let out = File::create_new(&path).unwrap();
+            let sink = Sink::new(out.as_fd()).unwrap();
+            let opts = Options {
+                format: Some(Format::Qcow2),
+                kernel_copy: kernel,
+                ..Options::default()
+            };
+            let mut progress = Progress::new(plan.total, true);
+            stream_plan(&plan, &fake, &sink, &opts, &mut progress).unwrap();
+            let image = std::fs::read(&path).unwrap();
+            assert_eq!(&image[..4], b"QFI\xfb");
+            assert_eq!(progress.bytes(), image.len() as u64);
+            images.push(image);
+        }
+        // Files: 370 000 bytes from cluster 1 on (cluster 0 is zeros):
+        // clusters 1..=5, five of them; streams: all six.
+        assert!(images[0] == images[1], "kernel and buffered routes differ");
+        assert_eq!(images[2].len() - images[0].len(), 65536);
     }
 
     #[test]

@@ -2863,12 +2863,18 @@ fn a_mirror_sending_wrong_bytes_of_the_right_length_fails_naming_the_mirror() {
     let image = six_parts(132);
     let site = Arc::new(Site::new(&image));
     let zero_site = Arc::clone(&site);
-    // Zeros of the right length, as a blob: the size is right, so the bytes
-    // flow; only the digest, at the end, shows they are wrong.
+    // The right length, its second half zeros: the size is right (and the
+    // disk's first bytes too, which pull checks before cocoon starts), so
+    // the bytes flow; only the digest, at the end, shows they are wrong.
     let mirror = Server::start(move |req, _| {
         let d = req.path().rsplit('/').next().unwrap();
         match zero_site.blobs.get(d) {
-            Some(b) => Reply::blob(Arc::new(vec![0; b.len()])),
+            Some(b) => {
+                let mut wrong = b.to_vec();
+                let half = wrong.len() / 2;
+                wrong[half..].fill(0);
+                Reply::blob(Arc::new(wrong))
+            }
             None => Reply::status(404),
         }
     });

@@ -600,7 +600,7 @@ fn every_help_and_readme_example_runs() {
     let win11_layout = LayoutDir::new(&cwd.join("win11"));
     win11_layout.put_image(Some("25h2"), &win11);
     // A raw disk: ./debian, tag 12.
-    let raw = data(300_000, 21);
+    let raw = noise(300_000, 21);
     let mut debian = Image::split(&raw, 100_000);
     for l in &mut debian.layers {
         if l.media_type == QCOW2_PART {
@@ -679,6 +679,10 @@ fn every_help_and_readme_example_runs() {
     assert!(disk_of("img.qcow2") == disk, "the arm64 entry was chosen");
     assert!(disk_of("ubuntu.qcow2") == disk);
     assert_eq!(disk_of("win11.raw").len(), 16 << 20);
+    assert!(
+        disk_of("debian.qcow2").starts_with(b"QFI\xfb"),
+        "a raw disk as a qcow2"
+    );
     for name in ["win11", "win11-test"] {
         assert!(std::fs::read(store.join(name)).unwrap() == disk, "{name}");
     }

@@ -456,9 +456,9 @@ fn hostile_paths_are_refused_and_nothing_outside_the_root_is_served() {
 fn qemu_img_reads_the_disk_over_http() {
     let tmp = TempDir::new().unwrap();
     let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_owned();
-    let mut guest = data(6 << 20, 11);
+    let mut guest = noise(6 << 20, 11);
     guest.resize(20 << 20, 0);
-    guest.extend(data(3 << 20, 12));
+    guest.extend(noise(3 << 20, 12));
     std::fs::write(p("guest.raw"), &guest).unwrap();
     let q = Command::new("qemu-img")
         .args([
@@ -945,8 +945,10 @@ fn sigterm_lets_running_transfers_finish_within_the_grace_then_cuts_them() {
     std::thread::sleep(Duration::from_millis(700));
     let started = Instant::now();
     sigterm(&s.child);
-    assert!(!c.wait().unwrap().success());
+    // The server stops after the grace; the client may take longer to read
+    // what its socket buffers already hold, then finds the body cut short.
     assert_eq!(s.child.wait().unwrap().code(), Some(0));
     assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!c.wait().unwrap().success());
     s.wait_log("server stopping", 5);
 }

@@ -23,8 +23,23 @@ pub const SNAPSHOT: &str = "application/vnd.cocoonstack.snapshot.v1+json";
 pub const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
-/// Deterministic pseudo-random bytes (xorshift), distinct per seed.
+/// The qcow2 magic: `pull` checks that a qcow2 disk starts with it.
+pub const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Deterministic pseudo-random bytes (xorshift), distinct per seed, that
+/// start with the qcow2 magic (when there is room for it): test images are
+/// labelled qcow2 and made of these bytes, and `pull` checks a qcow2 disk's
+/// first bytes before it starts cocoon. [`noise`] has no magic.
 pub fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = noise(len, seed);
+    if len >= QCOW2_MAGIC.len() {
+        out[..QCOW2_MAGIC.len()].copy_from_slice(QCOW2_MAGIC);
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), distinct per seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
