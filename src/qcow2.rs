@@ -20,7 +20,7 @@
 //! front and the zeros that fill the last, partial cluster come from user
 //! space. Clusters that are all zeros are left unallocated (they read as
 //! zeros); which ones those are is found before the header is written (see
-//! [`scan`]). Clusters are 64 KiB; data and metadata clusters have a
+//! `scan`). Clusters are 64 KiB; data and metadata clusters have a
 //! refcount of one, so every L1 and L2 entry carries the "copied" flag.
 //!
 //! Written from the specification (qemu's `docs/interop/qcow2.txt`).
