@@ -109,22 +109,29 @@ pub fn choose(policy: &Policy, blob: BlobKind) -> Route {
         Sparse::Auto => !same_fs,
         Sparse::Always => true,
     };
-    if !policy.kernel || scan || (policy.verify && !(leased && keeps_no_pages(policy.sink))) {
+    if !policy.kernel || scan || (policy.verify && !leased) {
         return Route::Buffered { holes };
+    }
+    if policy.verify && passes_pages_on(policy.sink) {
+        // Copied under the lease, hashed beside the copy by the hashing
+        // threads (in parallel across parts): what enters the sink is a copy
+        // of what they read, never a reference to the file's pages.
+        return Route::Kernel(&[Strategy::ReadWrite]);
     }
     Route::Kernel(strategies(policy.sink))
 }
 
-/// Whether a sink lets go of the blob's page-cache pages by the time we can
-/// know it has taken them, so that a lease held until then covers every read
-/// of them. Files and devices copy. A pipe holds references until its reader
-/// reads them out (`FIONREAD` tells when). A socket does not: sendfile queues
-/// references, and a peer on this host (loopback, a veth into a container)
-/// acknowledges them as soon as they sit in its receive queue, where they
-/// stay until it reads — after our lease is gone, so a writer could change
-/// what it reads. A verified blob goes into a socket through a buffer.
-fn keeps_no_pages(sink: SinkKind) -> bool {
-    sink != SinkKind::Socket
+/// Whether a sink may carry the blob's page-cache pages, by reference,
+/// beyond what we can see — so that no lease we hold can cover every read of
+/// them. Files and devices copy (a reflink shares extents copy-on-write). A
+/// pipe holds references (splice), and its reader may splice or tee them on
+/// into another pipe (`| pv |`), past any check of ours that the pipe is
+/// empty. A socket queues references (sendfile), and a peer on this host
+/// (loopback, a veth into a container, a tap into a VM) acknowledges them as
+/// soon as they sit in its receive queue, unread. A verified blob goes into
+/// either as a copy.
+fn passes_pages_on(sink: SinkKind) -> bool {
+    matches!(sink, SinkKind::Pipe | SinkKind::Socket)
 }
 
 /// The kernel strategies for a sink, best first; each list ends in the
@@ -159,17 +166,23 @@ mod tests {
 
     #[test]
     fn leased_files_take_the_kernel_route_of_their_sink() {
-        for sink in [SinkKind::Pipe, SinkKind::File, SinkKind::Other] {
+        for sink in [SinkKind::File, SinkKind::Other] {
             let p = policy(sink, Sparse::Never, true, true);
             assert_eq!(choose(&p, LEASED), Route::Kernel(strategies(sink)));
+        }
+        // Unverified, pipes and sockets get splice and sendfile too.
+        for sink in [SinkKind::Pipe, SinkKind::Socket] {
+            let p = policy(sink, Sparse::Never, true, false);
+            assert_eq!(choose(&p, LEASED), Route::Kernel(strategies(sink)));
+        }
+        for sink in [
+            SinkKind::Pipe,
+            SinkKind::File,
+            SinkKind::Socket,
+            SinkKind::Other,
+        ] {
             assert_eq!(strategies(sink).last(), Some(&Strategy::ReadWrite));
         }
-        // Unverified, a socket gets sendfile too.
-        let p = policy(SinkKind::Socket, Sparse::Never, true, false);
-        assert_eq!(
-            choose(&p, LEASED),
-            Route::Kernel(strategies(SinkKind::Socket))
-        );
         assert_eq!(strategies(SinkKind::Pipe)[0], Strategy::Splice);
         assert_eq!(strategies(SinkKind::File)[0], Strategy::CopyFileRange);
         assert_eq!(strategies(SinkKind::Socket)[0], Strategy::Sendfile);
@@ -190,10 +203,13 @@ mod tests {
     }
 
     #[test]
-    fn a_verified_blob_enters_a_socket_through_a_buffer_even_leased() {
-        // A local peer acknowledges page references it has not read yet.
-        let p = policy(SinkKind::Socket, Sparse::Never, true, true);
-        assert_eq!(choose(&p, LEASED), Route::Buffered { holes: false });
+    fn a_verified_leased_blob_enters_a_pipe_or_socket_as_a_copy() {
+        // A pipe's reader may splice the references on; a local peer
+        // acknowledges them unread. Copied under the lease, hashed beside.
+        for sink in [SinkKind::Pipe, SinkKind::Socket] {
+            let p = policy(sink, Sparse::Never, true, true);
+            assert_eq!(choose(&p, LEASED), Route::Kernel(&[Strategy::ReadWrite]));
+        }
     }
 
     #[test]

@@ -193,7 +193,13 @@ impl<'s, 'fd> Copier<'s, 'fd> {
         while inside > 0 {
             match rustix::pipe::splice(r, None, out, None, inside, SpliceFlags::MORE) {
                 Ok(0) => return Err(Errno::IO),
-                Ok(k) => inside -= k,
+                Ok(k) => {
+                    inside -= k;
+                    // Cut short by a signal: the stream is being abandoned.
+                    if inside > 0 && signals::pending().is_some() {
+                        return Err(Errno::INTR);
+                    }
+                }
                 Err(Errno::INTR) if signals::pending().is_none() => {}
                 Err(Errno::AGAIN) => wait_writable_errno(out)?,
                 Err(e) if refused(e) => {
@@ -271,12 +277,19 @@ fn drain_pipe(
 
 /// `write` until everything is out. `EINTR` is retried unless a signal is
 /// pending, in which case it is reported so the caller can abort; an output
-/// in non-blocking mode (`EAGAIN`) is waited for.
+/// in non-blocking mode (`EAGAIN`) is waited for. A signal that cuts a write
+/// short after some bytes (a pipe that filled up: the kernel then returns the
+/// count, not `EINTR`) is reported too, instead of writing on.
 pub fn write_all(out: BorrowedFd<'_>, mut bytes: &[u8]) -> std::result::Result<(), Errno> {
     while !bytes.is_empty() {
         match rustix::io::write(out, bytes) {
             Ok(0) => return Err(Errno::IO),
-            Ok(n) => bytes = &bytes[n..],
+            Ok(n) => {
+                bytes = &bytes[n..];
+                if !bytes.is_empty() && signals::pending().is_some() {
+                    return Err(Errno::INTR);
+                }
+            }
             Err(Errno::INTR) if signals::pending().is_none() => {}
             Err(Errno::AGAIN) => wait_writable_errno(out)?,
             Err(e) => return Err(e),

@@ -1845,7 +1845,6 @@ fn a_verified_blob_sent_to_a_local_socket_is_the_hashed_one_when_read_late() {
 }
 
 #[test]
-#[ignore = "open: a consumer that splices or tees the pipe onward carries page references past the drain check"]
 fn a_consumer_splicing_the_pipe_onward_reads_the_hashed_bytes() {
     // Like `cloudimg get | pv | consumer`: the middle splices cloudimg's pipe
     // into the next one, so cloudimg's pipe is empty while the consumer has
