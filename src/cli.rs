@@ -41,7 +41,8 @@ name through a symlink, or by a relative path from below the colon.\n\
 Environment: EPOCH_SERVER (default http://127.0.0.1:8080), EPOCH_REGISTRY_TOKEN (bearer for \
 EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon for `pull`), \
 DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
-CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path).\n\
+CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path), \
+CLOUDIMG_CACHE (the cache layout of get and pull).\n\
 Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
 128+N after signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM, and so on for every catchable \
 signal that would end the process).",
@@ -62,6 +63,7 @@ struct Cli {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 enum Command {
+    Copy(CopyArgs),
     Get(GetArgs),
     Inspect(InspectArgs),
     Pull(PullArgs),
@@ -173,6 +175,10 @@ where the data arrives once, every cluster is allocated. A qcow2 image is delive
         /// a qcow2), raw (default auto)
         #[argh(option, default = "String::from(\"auto\")")]
         format: String,
+        /// a layout that caches registry images: read from when the image is there,
+        /// filled while streaming when not (default: $CLOUDIMG_CACHE)
+        #[argh(option)]
+        cache: Option<PathBuf>,
     }
 }
 
@@ -223,6 +229,43 @@ first layer."
         /// bytes as they are) (default qcow2)
         #[argh(option, default = "String::from(\"qcow2\")")]
         format: String,
+        /// a layout that caches registry images: read from when the image is there,
+        /// filled while streaming when not (default: $CLOUDIMG_CACHE)
+        #[argh(option)]
+        cache: Option<PathBuf>,
+    }
+}
+
+with_source_flags! {
+    /// copy an image, whole and verified, into an OCI image layout
+    #[derive(FromArgs, Debug)]
+    #[argh(
+        subcommand,
+        name = "copy",
+        note = "DEST is oci:DIR[:TAG]; DIR is made when missing or empty, and a directory that \
+holds other things and no oci-layout file is refused. TAG defaults to SOURCE's tag (none for a \
+digest-pinned SOURCE: the manifest is listed untagged) and is written as the \
+org.opencontainers.image.ref.name annotation, replacing the entry that had it. The copy holds the \
+manifest, its config and every layer (disk or not); when SOURCE named an image index, the tag \
+names the manifest chosen for the platform and the index is stored beside it, so that a \
+reference pinned to the index's digest resolves in the copy too. Each blob is written under \
+DIR/.cloudimg/partial, checked for its size and digest, synced and renamed into blobs/; a blob \
+already there is hashed and kept; an interrupted copy is continued from where it stopped (the \
+bytes already written are hashed again). index.json is replaced atomically under a lock \
+(DIR/.cloudimg/lock), so concurrent copies into one layout keep every tag.",
+        example = "{command_name} registry.example/windows/win11:25h2 oci:/srv/images/win11\n\
+{command_name} oci:./win11:25h2 oci:/mnt/usb/images:win11-25h2"
+    )]
+    struct CopyArgs {
+        /// the image (see SOURCE in the top-level help)
+        #[argh(positional)]
+        source: String,
+        /// where to: oci:DIR[:TAG]
+        #[argh(positional)]
+        dest: String,
+        /// no progress, no summary line
+        #[argh(switch, short = 'q')]
+        quiet: bool,
     }
 }
 
@@ -294,6 +337,8 @@ const ENV_CHUNK: &str = "CLOUDIMG_CHUNK_SIZE";
 /// Environment knob that forces the portable read/write path (for tests and
 /// benchmarks of the fallback).
 const ENV_IO: &str = "CLOUDIMG_IO";
+/// Environment variable naming the cache layout of `get` and `pull`.
+const ENV_CACHE: &str = "CLOUDIMG_CACHE";
 /// A bearer token for `EPOCH_SERVER` only.
 const ENV_TOKEN: &str = "EPOCH_REGISTRY_TOKEN";
 
@@ -310,6 +355,8 @@ struct Environment {
     mirrors: Option<String>,
     chunk_size: Option<String>,
     io: Option<String>,
+    /// `$CLOUDIMG_CACHE`: the cache layout of `get` and `pull`.
+    cache: Option<PathBuf>,
 }
 
 impl Environment {
@@ -327,6 +374,7 @@ impl Environment {
             mirrors: text(ENV_MIRRORS),
             chunk_size: text(ENV_CHUNK),
             io: text(ENV_IO),
+            cache: var(ENV_CACHE).map(PathBuf::from),
         }
     }
 }
@@ -401,6 +449,9 @@ fn check_usage(command: &Command) -> Result<()> {
             .and_then(|_| parse_format(&a.format, true))
             .and_then(|_| check_source_flags(&a.source_flags())),
         Command::Inspect(a) => check_source_flags(&a.source_flags()),
+        Command::Copy(a) => copy_dest(&a.dest, &a.source)
+            .map(|_| ())
+            .and_then(|()| check_source_flags(&a.source_flags())),
         Command::Pull(a) => {
             parse_format(&a.format, false).and_then(|_| check_source_flags(&a.source_flags()))
         }
@@ -553,6 +604,7 @@ pub fn run(program: &str, args: &[String]) -> i32 {
             signals::install();
         }
         match cli.command {
+            Command::Copy(a) => copy(a, &env),
             Command::Get(a) => get(a, &env),
             Command::Inspect(a) => inspect(a, &env),
             Command::Pull(a) => pull(a, &env),
@@ -592,11 +644,167 @@ fn summary(verified: bool) -> &'static str {
     }
 }
 
+/// A source, behind the cache layout when one is asked for.
+enum Source {
+    Plain(Box<dyn source::BlobSource>),
+    Cached(Box<crate::cache::Cached>),
+}
+
+impl Source {
+    /// Open `reference`; a registry image goes through the cache layout
+    /// `cache` when given (a local source needs none and ignores it).
+    fn open(
+        reference: &Reference,
+        opts: &SourceOptions,
+        cache: Option<&PathBuf>,
+        verified: bool,
+    ) -> Result<Source> {
+        let inner = source::open(reference, opts)?;
+        let (Reference::Registry(name), Some(dir)) = (reference, cache) else {
+            return Ok(Source::Plain(inner));
+        };
+        let store = crate::store::Store::open(dir).map_err(|e| e.context("--cache"))?;
+        let host = name
+            .host
+            .as_ref()
+            .map(|h| format!("{h}/"))
+            .unwrap_or_default();
+        let tag = match (&name.tag, &name.digest) {
+            (Some(t), _) => Some(format!("{host}{}:{t}", name.repository)),
+            (None, Some(_)) => None,
+            (None, None) => Some(format!("{host}{}:latest", name.repository)),
+        };
+        Ok(Source::Cached(Box::new(crate::cache::Cached::new(
+            inner,
+            store,
+            name.digest.clone(),
+            opts.platform.clone(),
+            tag,
+            verified,
+        ))))
+    }
+
+    fn get(&self) -> &dyn source::BlobSource {
+        match self {
+            Source::Plain(s) => &**s,
+            Source::Cached(c) => &**c,
+        }
+    }
+
+    /// A cached blob failed its digest and was removed: the run may start
+    /// over, fetching it from the registry, where nothing was delivered.
+    fn damaged(&self) -> bool {
+        matches!(self, Source::Cached(c) if c.damaged())
+    }
+
+    /// After success: the cache keeps what was fetched. Its failure is said
+    /// and does not fail the run.
+    fn commit(&self) {
+        if let Source::Cached(c) = self
+            && let Err(e) = c.commit()
+        {
+            let line = crate::inspect::clean(&e.to_string()).into_owned();
+            let _ = writeln!(std::io::stderr(), "cloudimg: cache: not kept: {line}");
+        }
+    }
+}
+
+/// Tell that a run starts over after a damaged cached blob.
+fn starting_over(e: &Error) {
+    let line = crate::inspect::clean(&e.to_string()).into_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "cloudimg: {line}; starting over from the registry"
+    );
+}
+
+/// `copy`'s DEST: the layout directory and the tag (`None`: SOURCE's).
+fn copy_dest(dest: &str, src: &str) -> Result<(PathBuf, Option<String>)> {
+    let usage = |m: String| Err(Error::Usage(m));
+    match Reference::parse(dest) {
+        Ok(Reference::Layout { dir, selector }) => match selector {
+            crate::reference::Selector::Tag(t) => Ok((dir, Some(t))),
+            crate::reference::Selector::Default => Ok((dir, None)),
+            crate::reference::Selector::Digest(_) => {
+                usage(format!("{dest}: a destination takes a tag, not a digest"))
+            }
+        },
+        _ if Reference::parse(src).is_err() => Reference::parse(src).map(|_| unreachable!()),
+        _ => usage(format!(
+            "{dest}: the destination must be an image layout directory, oci:DIR[:TAG]"
+        )),
+    }
+}
+
+fn copy(a: CopyArgs, env: &Environment) -> Result<()> {
+    let (dir, tag) = copy_dest(&a.dest, &a.source)?;
+    let reference = Reference::parse(&a.source)?;
+    let tag = tag.or_else(|| match &reference {
+        Reference::Registry(r) => match (&r.tag, &r.digest) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(_)) => None,
+            (None, None) => Some("latest".to_owned()),
+        },
+        Reference::Layout { selector, .. } | Reference::Archive { selector, .. } => {
+            match selector {
+                crate::reference::Selector::Tag(t) => Some(t.clone()),
+                _ => None,
+            }
+        }
+    });
+    let source = source::open(&reference, &a.source_options(env)?)?;
+    let resolved = source.resolve()?;
+    // The image is checked before the layout is touched.
+    disk_plan(&resolved.manifest)?;
+    let store = crate::store::Store::open(&dir)?;
+    let mut progress = Progress::new(0, a.quiet);
+    match crate::copy::copy_image(
+        &*source,
+        &resolved,
+        &store,
+        tag.as_deref(),
+        true,
+        &mut progress,
+    ) {
+        Ok(c) => {
+            let dest = match &tag {
+                Some(t) => format!("oci:{}:{t}", dir.display()),
+                None => format!("oci:{}@{}", dir.display(), resolved.digest),
+            };
+            let mut what = format!("copied {} into {dest}", plural(c.fetched, "blob"));
+            let mut also = Vec::new();
+            if c.present > 0 {
+                also.push(format!("{} already there", c.present));
+            }
+            if c.resumed > 0 {
+                also.push(format!("{} bytes continued from an earlier run", c.resumed));
+            }
+            if !also.is_empty() {
+                what += &format!(" ({})", also.join(", "));
+            }
+            progress.finish(&(what + ":"));
+            Ok(())
+        }
+        Err(e) => {
+            progress.abandon();
+            Err(source.explain(e))
+        }
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 fn get(a: GetArgs, env: &Environment) -> Result<()> {
     let stdout = std::io::stdout();
     // The output is checked before the source is touched: a name that
     // cannot be written fails before anything is fetched.
-    let target = match &a.output {
+    let mut target = match &a.output {
         Some(path) => Some(Target::resolve(path)?),
         None if stdout.is_terminal() => {
             return Err(Error::Other(
@@ -612,32 +820,51 @@ fn get(a: GetArgs, env: &Environment) -> Result<()> {
         format: parse_format(&a.format, true)?,
         ..options(a.no_verify, env)
     };
-    let source = source::open(&reference, &a.source_options(env)?)?;
+    let cache = a.cache.as_ref().or(env.cache.as_ref());
+    let src = Source::open(&reference, &a.source_options(env)?, cache, opts.verify)?;
+    let source = src.get();
     let resolved = source.resolve()?;
     let plan = disk_plan(&resolved.manifest)?;
     if (plan.format, opts.format) == (Format::Qcow2, Some(Format::Raw)) {
         return Err(crate::qcow2::no_raw_from_qcow2());
     }
-    let mut progress = Progress::new(plan.total, a.quiet);
-    let result = match target {
-        Some(target) => target.open().and_then(|out| {
-            let sink = Sink::new(out.file().as_fd())?;
-            stream::stream_plan(&plan, &*source, &sink, &opts, &mut progress)?;
-            out.commit()
-        }),
-        None => {
-            let sink = Sink::new(stdout.as_fd())?;
-            stream::stream_plan(&plan, &*source, &sink, &opts, &mut progress)
-        }
-    };
-    match result {
-        Ok(()) => {
-            progress.finish(summary(opts.verify));
-            Ok(())
-        }
-        Err(e) => {
-            progress.abandon();
-            Err(source.explain(e))
+    let mut first = true;
+    loop {
+        let mut progress = Progress::new(plan.total, a.quiet);
+        let output = match (target.take(), &a.output) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => Some(Target::resolve(path)?),
+            (None, None) => None,
+        };
+        let result = match output {
+            Some(target) => target.open().and_then(|out| {
+                let sink = Sink::new(out.file().as_fd())?;
+                stream::stream_plan(&plan, source, &sink, &opts, &mut progress)?;
+                out.commit()
+            }),
+            None => {
+                let sink = Sink::new(stdout.as_fd())?;
+                stream::stream_plan(&plan, source, &sink, &opts, &mut progress)
+            }
+        };
+        match result {
+            Ok(()) => {
+                progress.finish(summary(opts.verify));
+                src.commit();
+                return Ok(());
+            }
+            Err(e) => {
+                progress.abandon();
+                let e = source.explain(e);
+                // Only a file output can start over: nothing of it was
+                // delivered.
+                if first && a.output.is_some() && src.damaged() && signals::pending().is_none() {
+                    starting_over(&e);
+                    first = false;
+                    continue;
+                }
+                return Err(e);
+            }
         }
     }
 }
@@ -680,27 +907,41 @@ fn pull(a: PullArgs, env: &Environment) -> Result<()> {
             "{name:?} is not a usable image name (empty, control characters or a leading '-')"
         )));
     }
-    let source = source::open(&reference, &a.source_options(env)?)?;
-    let cocoon = ExecCocoon {
-        binary: env.cocoon.clone().unwrap_or_else(|| "cocoon".into()),
-    };
     let opts = Options {
         format: parse_format(&a.format, false)?,
         ..options(a.no_verify, env)
     };
-    let mut progress = Progress::new(0, a.quiet);
+    let cache = a.cache.as_ref().or(env.cache.as_ref());
+    let src = Source::open(&reference, &a.source_options(env)?, cache, opts.verify)?;
+    let source = src.get();
+    let cocoon = ExecCocoon {
+        binary: env.cocoon.clone().unwrap_or_else(|| "cocoon".into()),
+    };
     let puller = Puller {
-        source: &*source,
+        source,
         cocoon: &cocoon,
     };
-    match puller.pull(&name, &opts, &mut progress) {
-        Ok(_) => {
-            progress.finish(&format!("imported {name:?}:"));
-            Ok(())
-        }
-        Err(e) => {
-            progress.abandon();
-            Err(source.explain(e))
+    let mut first = true;
+    loop {
+        let mut progress = Progress::new(0, a.quiet);
+        match puller.pull(&name, &opts, &mut progress) {
+            Ok(_) => {
+                progress.finish(&format!("imported {name:?}:"));
+                src.commit();
+                return Ok(());
+            }
+            Err(e) => {
+                progress.abandon();
+                let e = source.explain(e);
+                // cocoon was stopped before it could commit: a new import
+                // can start, with the damaged blob from the registry.
+                if first && src.damaged() && signals::pending().is_none() {
+                    starting_over(&e);
+                    first = false;
+                    continue;
+                }
+                return Err(e);
+            }
         }
     }
 }

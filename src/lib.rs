@@ -27,7 +27,9 @@
 //! # }
 //! ```
 
+pub(crate) mod cache;
 pub mod cli;
+pub(crate) mod copy;
 pub mod digest;
 pub(crate) mod error;
 pub(crate) mod fdwait;
@@ -46,10 +48,13 @@ pub(crate) mod serve;
 pub(crate) mod signals;
 pub(crate) mod sink;
 pub mod source;
+pub(crate) mod store;
 pub(crate) mod stream;
 pub(crate) mod verify;
 pub(crate) mod zerocopy;
 
+pub use cache::Cached;
+pub use copy::{Copied, copy_image};
 pub use digest::{Algorithm, Digest};
 pub use error::{Error, Result};
 pub use inspect::Report;
@@ -60,4 +65,5 @@ pub use reference::{Reference, RegistryRef, Selector};
 pub use route::Sparse;
 pub use sink::Sink;
 pub use source::{Blob, BlobSource, Resolved, SourceOptions};
+pub use store::{Partial, Store};
 pub use stream::{Options, stream_plan};

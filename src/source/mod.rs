@@ -58,6 +58,9 @@ pub struct Resolved {
 #[derive(Clone, Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IndexChoice {
+    /// The index's bytes as received (what its digest covers).
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
     /// The index's digest.
     pub digest: Digest,
     /// The index's media type, when it says.
@@ -97,6 +100,7 @@ pub fn resolve_index(
         let manifest = Manifest::parse(&bytes)?;
         chain.push(IndexChoice {
             size: top.bytes.len() as u64,
+            bytes: top.bytes,
             digest: top.digest,
             media_type: top.manifest.media_type,
             manifests: top.manifest.manifests,
@@ -226,6 +230,30 @@ pub trait BlobSource: Send + Sync {
     /// be exactly `layer.size` bytes; a `Stream` blob is size-checked by the
     /// stream as it is read.
     fn open_blob(&self, layer: &DiskLayer) -> Result<Blob>;
+
+    /// Open a blob from byte `from` on: its last `layer.size - from` bytes
+    /// (a partial copy being continued). `layer` may describe any blob of
+    /// the image, a config or a layer that is no disk. The default opens
+    /// the whole blob and skips to `from`: a file blob by its offset, a
+    /// stream by reading forward.
+    fn open_blob_from(&self, layer: &DiskLayer, from: u64) -> Result<Blob> {
+        let from = from.min(layer.size);
+        match self.open_blob(layer)? {
+            Blob::File { file, offset, len } => Ok(Blob::File {
+                file,
+                offset: offset + from,
+                len: len - from,
+            }),
+            Blob::Stream(mut body) => {
+                let skipped = std::io::copy(&mut (&mut body).take(from), &mut std::io::sink())
+                    .map_err(|e| Error::from_read(&layer.label(), e))?;
+                if skipped < from {
+                    return Err(Error::truncated(&layer.label(), skipped, layer.size));
+                }
+                Ok(Blob::Stream(body))
+            }
+        }
+    }
 
     /// How many blobs the stream may hold open ahead of the one it copies.
     /// A local layout says "all": opening is free, every missing or mis-sized

@@ -289,10 +289,12 @@ impl Resumable {
         }
     }
 
-    /// Open the whole blob now, so that errors such as 404 surface at once.
-    pub fn open(fetch: Arc<BlobFetch>) -> Result<Resumable> {
-        let opened = fetch.open(0, None, None)?;
-        Ok(Resumable::new(fetch, 0, None, Some(opened), None))
+    /// Open the blob from byte `pos` (0: the whole blob) to its end now, so
+    /// that errors such as 404 surface at once. Past byte 0 this is a Range
+    /// request; a server that ignores it is read forward to `pos`.
+    pub fn open_at(fetch: Arc<BlobFetch>, pos: u64) -> Result<Resumable> {
+        let opened = fetch.open(pos, None, None)?;
+        Ok(Resumable::new(fetch, pos, None, Some(opened), None))
     }
 
     /// Read the next bytes, reconnecting as needed.
@@ -423,6 +425,8 @@ impl Read for Resumable {
 /// In-order delivery of concurrently fetched chunks.
 pub struct Parallel {
     shared: Arc<Shared>,
+    /// Where chunk 0 starts in the blob (past byte 0 when resuming).
+    base: u64,
     chunk: u64,
     chunks: u64,
     connections: usize,
@@ -457,21 +461,29 @@ struct State {
 }
 
 impl Parallel {
-    /// Probe with a request for the first chunk. When the server does not
+    /// Probe with a request for the first chunk, from byte `base` of the
+    /// blob (0, or where a partial copy ends). When the server does not
     /// honour Range (a `200`), the answer is `Err` with a single stream that
-    /// goes on reading that very response.
+    /// goes on reading that very response (forward to `base` first).
     pub fn open(
         fetch: Arc<BlobFetch>,
+        base: u64,
         chunk: u64,
         connections: usize,
     ) -> Result<std::result::Result<Parallel, Resumable>> {
-        let first_end = chunk.min(fetch.size);
-        let opened = fetch.open(0, Some(first_end), None)?;
+        let first_end = base.saturating_add(chunk).min(fetch.size);
+        let opened = fetch.open(base, Some(first_end), None)?;
         if opened.partial {
-            let chunks = fetch.size.div_ceil(chunk);
+            let chunks = (fetch.size - base).div_ceil(chunk);
             let url = Some(opened.from.clone());
             // The first chunk is read from this response.
-            let first = Resumable::new(Arc::clone(&fetch), 0, Some(first_end), Some(opened), None);
+            let first = Resumable::new(
+                Arc::clone(&fetch),
+                base,
+                Some(first_end),
+                Some(opened),
+                None,
+            );
             let shared = Arc::new(Shared {
                 state: Mutex::new(State {
                     claim: 1,
@@ -481,6 +493,7 @@ impl Parallel {
             });
             let p = Parallel {
                 shared,
+                base,
                 chunk,
                 chunks,
                 connections,
@@ -495,12 +508,12 @@ impl Parallel {
             return Ok(Ok(p));
         }
         // A 200: the server sends the whole blob; stream it singly.
-        Ok(Err(Resumable::new(fetch, 0, None, Some(opened), None)))
+        Ok(Err(Resumable::new(fetch, base, None, Some(opened), None)))
     }
 
     fn spawn_first(&self, mut first: Resumable) {
         let shared = Arc::clone(&self.shared);
-        let len = first.end.unwrap_or(0) as usize;
+        let len = (first.end.unwrap_or(0) - self.base) as usize;
         std::thread::spawn(move || {
             signals::block_in_this_thread();
             let result = fill(&mut first, vec![0; len]);
@@ -517,10 +530,10 @@ impl Parallel {
             let shared = Arc::clone(&self.shared);
             let fetch = Arc::clone(&self.fetch);
             let url = self.url.clone();
-            let (chunk, chunks) = (self.chunk, self.chunks);
+            let (base, chunk, chunks) = (self.base, self.chunk, self.chunks);
             std::thread::spawn(move || {
                 signals::block_in_this_thread();
-                worker(&shared, &fetch, url, chunk, chunks, window);
+                worker(&shared, &fetch, url, (base, chunk, chunks), window);
             });
         }
     }
@@ -564,8 +577,7 @@ fn worker(
     shared: &Shared,
     fetch: &Arc<BlobFetch>,
     url: Option<Answered>,
-    chunk: u64,
-    chunks: u64,
+    (base, chunk, chunks): (u64, u64, u64),
     window: u64,
 ) {
     loop {
@@ -584,7 +596,7 @@ fn worker(
             st.claim += 1;
             (k, st.spare.pop().unwrap_or_default())
         };
-        let start = k * chunk;
+        let start = base + k * chunk;
         let end = (start + chunk).min(fetch.size);
         let mut buf = buf;
         buf.resize((end - start) as usize, 0);
@@ -634,7 +646,7 @@ impl Read for Parallel {
                     // it, read forward once to here, not once per chunk; the
                     // chunks in flight are abandoned.
                     st.cancel = true;
-                    let pos = self.next * self.chunk;
+                    let pos = self.base + self.next * self.chunk;
                     let whole = st.whole.take().map(|o| Opened { skip: pos, ..o });
                     self.shared.changed.notify_all();
                     drop(st);

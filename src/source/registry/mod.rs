@@ -297,6 +297,10 @@ impl BlobSource for Registry {
     }
 
     fn open_blob(&self, layer: &DiskLayer) -> Result<Blob> {
+        self.open_blob_from(layer, 0)
+    }
+
+    fn open_blob_from(&self, layer: &DiskLayer, from: u64) -> Result<Blob> {
         let digest = layer.digest.to_string();
         let fetch = Arc::new(BlobFetch {
             client: Arc::clone(&self.client),
@@ -308,19 +312,20 @@ impl BlobSource for Registry {
             mirror_use: Arc::clone(&self.mirror_use),
             failed: std::sync::Mutex::new(Vec::new()),
         });
-        if layer.size == 0 {
+        if from >= layer.size {
             return Ok(Blob::Stream(Box::new(std::io::empty())));
         }
-        let parallel = self.connections > 1 && layer.size > self.opts.chunk_size.saturating_mul(2);
+        let left = layer.size - from;
+        let parallel = self.connections > 1 && left > self.opts.chunk_size.saturating_mul(2);
         if parallel {
             return Ok(
-                match Parallel::open(fetch, self.opts.chunk_size, self.connections)? {
+                match Parallel::open(fetch, from, self.opts.chunk_size, self.connections)? {
                     Ok(p) => Blob::Stream(Box::new(p)),
                     Err(single) => Blob::Stream(Box::new(single)),
                 },
             );
         }
-        Ok(Blob::Stream(Box::new(Resumable::open(fetch)?)))
+        Ok(Blob::Stream(Box::new(Resumable::open_at(fetch, from)?)))
     }
 
     fn explain(&self, e: Error) -> Error {
