@@ -162,8 +162,10 @@ fn fetch_blob(
         while left > 0 {
             let mut buf = hasher.buffer()?;
             buf.resize(BUF_SIZE, 0);
-            let n = fill(&mut there, &mut buf, left, &label)
-                .map_err(|e| e.context("reading the partial copy"))?;
+            let (n, failed) = fill(&mut there, &mut buf, left, &label);
+            if let Some(e) = failed {
+                return Err(e.context("reading the partial copy"));
+            }
             if n == 0 {
                 return Err(Error::truncated(&label, resumed - left, resumed));
             }
@@ -196,11 +198,14 @@ fn fetch_blob(
     while left > 0 {
         let mut buf = hasher.buffer()?;
         buf.resize(BUF_SIZE, 0);
-        let n = fill(&mut *body, &mut buf, left, &label)?;
+        let (n, failed) = fill(&mut *body, &mut buf, left, &label);
+        part.write(&buf[..n])?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         if n == 0 {
             return Err(Error::truncated(&label, blob.size - left, blob.size));
         }
-        part.write(&buf[..n])?;
         hasher.feed(buf, n)?;
         left -= n as u64;
         progress.advance(n as u64);
@@ -228,17 +233,22 @@ fn fetch_blob(
 }
 
 /// Read up to `left` bytes (at most a buffer) into `buf`: fewer only at the
-/// end of `body`.
-fn fill(body: &mut dyn Read, buf: &mut [u8], left: u64, label: &str) -> Result<usize> {
+/// end of `body`, or when it failed — then with the error, after the bytes
+/// that came before it (they are kept: a later run continues after them).
+fn fill(body: &mut dyn Read, buf: &mut [u8], left: u64, label: &str) -> (usize, Option<Error>) {
     let want = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
     let mut n = 0;
     while n < want {
         match body.read(&mut buf[n..want]) {
             Ok(0) => break,
             Ok(k) => n += k,
-            Err(e) if e.kind() == ErrorKind::Interrupted => signals::check()?,
-            Err(e) => return Err(Error::from_read(label, e)),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {
+                if let Err(e) = signals::check() {
+                    return (n, Some(e));
+                }
+            }
+            Err(e) => return (n, Some(Error::from_read(label, e))),
         }
     }
-    Ok(n)
+    (n, None)
 }

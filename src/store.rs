@@ -40,6 +40,15 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// Whether a name in a layout directory is one this module writes before
+/// the layout is whole: its own directory, the index, temporary files.
+fn ours(name: &str) -> bool {
+    name == OWN_DIR
+        || name == "index.json"
+        || name == "blobs"
+        || (name.starts_with('.') && name.contains(".cloudimg-"))
+}
+
 /// How a store's files are named in errors.
 fn shown(p: &Path) -> String {
     p.display().to_string()
@@ -75,22 +84,32 @@ impl Store {
                 )));
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                let empty = std::fs::read_dir(dir)
+                // Empty, or holding only what another cloudimg starting
+                // this layout has put there so far (it holds the lock).
+                let foreign = std::fs::read_dir(dir)
                     .map_err(|e| Error::io(format!("reading {}", shown(dir)), e))?
-                    .next()
-                    .is_none();
-                if !empty {
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|name| !ours(name));
+                if let Some(name) = foreign {
                     return Err(Error::Other(format!(
-                        "{} is not an OCI image layout (no oci-layout file) and not empty: \
-                         refusing to write into it",
+                        "{} is not an OCI image layout (no oci-layout file) and not empty \
+                         (it holds {name:?}): refusing to write into it",
                         shown(dir)
                     )));
                 }
                 store.make_own_dirs()?;
                 let _lock = store.lock()?;
-                store.replace_file("index.json", b"{\"schemaVersion\":2,\"manifests\":[]}\n")?;
-                // The marker last: a layout is one once it has its index.
-                store.replace_file("oci-layout", LAYOUT_MARKER)?;
+                if !marker.is_file() {
+                    if !dir.join("index.json").is_file() {
+                        store.replace_file(
+                            "index.json",
+                            b"{\"schemaVersion\":2,\"manifests\":[]}\n",
+                        )?;
+                    }
+                    // The marker last: a layout is one once it has its index.
+                    store.replace_file("oci-layout", LAYOUT_MARKER)?;
+                }
                 return Ok(store);
             }
             Err(e) => return Err(Error::io(shown(&marker), e)),
