@@ -40,7 +40,8 @@ colons and slashes (oci:./l:127.0.0.1:5000/team/img:v1); reach a directory with 
 name through a symlink, or by a relative path from below the colon.\n\
 Environment: EPOCH_SERVER (default http://127.0.0.1:8080), EPOCH_REGISTRY_TOKEN (bearer for \
 EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon for `pull`), \
-DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
+DOCKER_CONFIG then REGISTRY_AUTH_FILE (credentials; then $XDG_RUNTIME_DIR/containers/auth.json \
+and ~/.config/containers/auth.json), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
 CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path).\n\
 Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
 128+N after signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM, and so on for every catchable \
@@ -307,6 +308,9 @@ struct Environment {
     cocoon: Option<OsString>,
     /// `$DOCKER_CONFIG`, else `$HOME/.docker`.
     docker_config: Option<PathBuf>,
+    /// The containers auth files, in order: `$REGISTRY_AUTH_FILE`,
+    /// `$XDG_RUNTIME_DIR/containers/auth.json`, `$HOME/.config/containers/auth.json`.
+    auth_files: Vec<PathBuf>,
     mirrors: Option<String>,
     chunk_size: Option<String>,
     io: Option<String>,
@@ -324,6 +328,14 @@ impl Environment {
             docker_config: var("DOCKER_CONFIG")
                 .map(PathBuf::from)
                 .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".docker"))),
+            auth_files: [
+                var("REGISTRY_AUTH_FILE").map(PathBuf::from),
+                var("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("containers/auth.json")),
+                var("HOME").map(|h| PathBuf::from(h).join(".config/containers/auth.json")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             mirrors: text(ENV_MIRRORS),
             chunk_size: text(ENV_CHUNK),
             io: text(ENV_IO),
@@ -476,6 +488,7 @@ fn source_options(f: SourceFlags<'_>, env: &Environment) -> Result<SourceOptions
             epoch_token: env.epoch_token.clone().map(Secret::new),
             ca_cert: env.ca_cert.clone(),
             docker_config: env.docker_config.clone(),
+            auth_files: env.auth_files.clone(),
             chunk_size,
             plain_http: f.plain_http,
             credentials,

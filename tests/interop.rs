@@ -783,3 +783,256 @@ fn inspect_json_uses_oci_field_names() {
     );
     let _ = image;
 }
+
+// ---- 6. credentials where podman, buildah and skopeo keep them ----
+
+/// A registry (scripted: Debian's docker-registry wants bcrypt for its
+/// htpasswd) that answers only `Authorization: Basic` of alice:s3cret, as
+/// distribution's htpasswd mode does: `401` with a Basic challenge.
+fn basic_registry(image: &Image) -> common::httpd::Server {
+    use common::httpd::{Reply, Server};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    let manifest = serde_json::to_vec(&image.manifest_json()).unwrap();
+    let mut blobs: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+    blobs.insert(sha256(b"{}"), Arc::new(b"{}".to_vec()));
+    for l in &image.layers {
+        blobs.insert(sha256(&l.data), Arc::new(l.data.clone()));
+    }
+    Server::start(move |req, _| {
+        // base64("alice:s3cret")
+        if req.header("authorization") != Some("Basic YWxpY2U6czNjcmV0") {
+            return Reply::status(401).header("WWW-Authenticate", "Basic realm=\"Registry Realm\"");
+        }
+        let path = req.path();
+        if path.starts_with("/v2/team/img/manifests/") {
+            return Reply::bytes(
+                200,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.clone(),
+            );
+        }
+        match path
+            .strip_prefix("/v2/team/img/blobs/")
+            .and_then(|d| blobs.get(d))
+        {
+            Some(b) => Reply::blob(Arc::clone(b)),
+            None => Reply::status(404),
+        }
+    })
+}
+
+/// The homes of credentials: a docker config directory, `XDG_RUNTIME_DIR`
+/// and `HOME`, all empty at first.
+struct CredentialHomes {
+    _tmp: TempDir,
+    docker: std::path::PathBuf,
+    xdg: std::path::PathBuf,
+    home: std::path::PathBuf,
+}
+
+impl CredentialHomes {
+    fn new() -> CredentialHomes {
+        let tmp = TempDir::new().unwrap();
+        let [docker, xdg, home] = ["docker", "xdg", "home"].map(|d| tmp.path().join(d));
+        for d in [&docker, &xdg, &home] {
+            std::fs::create_dir(d).unwrap();
+        }
+        CredentialHomes {
+            _tmp: tmp,
+            docker,
+            xdg,
+            home,
+        }
+    }
+
+    fn write(&self, path: &Path, json: &Value) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, serde_json::to_vec(json).unwrap()).unwrap();
+    }
+
+    fn xdg_file(&self) -> std::path::PathBuf {
+        self.xdg.join("containers/auth.json")
+    }
+
+    fn home_file(&self) -> std::path::PathBuf {
+        self.home.join(".config/containers/auth.json")
+    }
+
+    /// `cloudimg get` of `source` with these homes (and `REGISTRY_AUTH_FILE`
+    /// when given), ended after 20 s should it hang.
+    fn get(&self, source: &str, auth_file: Option<&Path>) -> std::process::Output {
+        let mut cmd = bin();
+        cmd.args(["get", "-q", source])
+            .env("DOCKER_CONFIG", &self.docker)
+            .env("XDG_RUNTIME_DIR", &self.xdg)
+            .env("HOME", &self.home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(f) = auth_file {
+            cmd.env("REGISTRY_AUTH_FILE", f);
+        }
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if rx.recv_timeout(std::time::Duration::from_secs(20)).is_err() {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = tx.send(());
+        out
+    }
+}
+
+fn auths(host: &str, entry: Value) -> Value {
+    json!({ "auths": { host: entry } })
+}
+
+#[test]
+fn credentials_from_the_containers_auth_files_in_order() {
+    let image = Image::split(&data(5000, 61), 1500);
+    let want = expected_disk(&image);
+    let server = basic_registry(&image);
+    let host = server.host();
+    let source = format!("{host}/team/img:v1");
+    let right = json!({ "auth": "YWxpY2U6czNjcmV0" });
+    let wrong = json!({ "username": "alice", "password": "wr0ng-pass" });
+
+    // Without credentials: the Basic challenge cannot be answered.
+    let h = CredentialHomes::new();
+    let line = failure(&h.get(&source, None));
+    assert!(line.contains("asks for a user name and password"), "{line}");
+
+    // Each place alone: REGISTRY_AUTH_FILE (plain username and password),
+    // $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json.
+    let h = CredentialHomes::new();
+    let file = h.home.join("my-auth.json");
+    h.write(
+        &file,
+        &auths(&host, json!({ "username": "alice", "password": "s3cret" })),
+    );
+    assert!(ok(&h.get(&source, Some(&file))) == want);
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths(&host, right.clone()));
+    assert!(ok(&h.get(&source, None)) == want);
+    let h = CredentialHomes::new();
+    h.write(
+        &h.home_file(),
+        &auths(&format!("http://{host}"), right.clone()),
+    );
+    assert!(ok(&h.get(&source, None)) == want);
+
+    // The order: docker's config first, then REGISTRY_AUTH_FILE, then
+    // XDG_RUNTIME_DIR's, then HOME's. The first that names the registry
+    // wins, so a wrong password ahead of a right one fails.
+    let h = CredentialHomes::new();
+    h.write(&h.docker.join("config.json"), &auths(&host, wrong.clone()));
+    h.write(&h.xdg_file(), &auths(&host, right.clone()));
+    let line = failure(&h.get(&source, None));
+    assert!(
+        line.contains("401") && !line.contains("wr0ng-pass"),
+        "{line}"
+    );
+    let h = CredentialHomes::new();
+    let file = h.home.join("my-auth.json");
+    h.write(&file, &auths(&host, right.clone()));
+    h.write(&h.xdg_file(), &auths(&host, wrong.clone()));
+    assert!(ok(&h.get(&source, Some(&file))) == want);
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths(&host, wrong.clone()));
+    h.write(&h.home_file(), &auths(&host, right.clone()));
+    failure(&h.get(&source, None));
+    // A file that does not name the registry is passed over.
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths("other.example:5000", wrong.clone()));
+    h.write(&h.home_file(), &auths(&host, right.clone()));
+    assert!(ok(&h.get(&source, None)) == want);
+
+    // Namespaced keys, as podman writes them for `podman login HOST/NS`:
+    // the longest namespace the repository lies in; another one never.
+    let h = CredentialHomes::new();
+    h.write(
+        &h.xdg_file(),
+        &json!({ "auths": {
+            host.clone(): wrong.clone(),
+            format!("{host}/team"): right.clone(),
+            format!("{host}/team/img/x"): wrong.clone(),
+        }}),
+    );
+    assert!(ok(&h.get(&source, None)) == want);
+    let h = CredentialHomes::new();
+    h.write(
+        &h.xdg_file(),
+        &auths(&format!("{host}/other"), right.clone()),
+    );
+    failure(&h.get(&source, None));
+
+    // Credentials belong to their origin: the same file for this host on
+    // another port gives nothing here.
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths("127.0.0.1:1", right.clone()));
+    failure(&h.get(&source, None));
+}
+
+#[test]
+fn auth_files_that_are_fifos_huge_or_malformed_fail_in_one_line() {
+    let image = Image::split(&data(5000, 62), 1500);
+    let server = basic_registry(&image);
+    let source = format!("{}/team/img:v1", server.host());
+    let h = CredentialHomes::new();
+    // A FIFO nobody writes to: refused at once, not waited on.
+    let fifo = h.home.join("fifo.json");
+    mkfifo(&fifo);
+    let started = std::time::Instant::now();
+    let line = failure(&h.get(&source, Some(&fifo)));
+    assert!(
+        line.contains("fifo.json") && line.contains("is a FIFO"),
+        "{line}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // A directory, and a character device.
+    let line = failure(&h.get(&source, Some(&h.home)));
+    assert!(line.contains("is a directory"), "{line}");
+    let line = failure(&h.get(&source, Some(Path::new("/dev/zero"))));
+    assert!(line.contains("is a device"), "{line}");
+    // A huge (sparse) file: refused by its size, nothing read.
+    let huge = h.home.join("huge.json");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let line = failure(&h.get(&source, Some(&huge)));
+    assert!(
+        line.contains("larger than the 4194304 byte limit"),
+        "{line}"
+    );
+    // The same rules for docker's config.json.
+    let h2 = CredentialHomes::new();
+    mkfifo(&h2.docker.join("config.json"));
+    let line = failure(&h2.get(&source, None));
+    assert!(line.contains("config.json: is a FIFO"), "{line}");
+    // A malformed file says where, never what: a password of the wrong
+    // type would be quoted by the JSON parser's own message.
+    let bad = h.home.join("bad.json");
+    h.write(
+        &bad,
+        &auths(
+            &server.host(),
+            json!({ "username": "alice", "password": 987654321 }),
+        ),
+    );
+    let line = failure(&h.get(&source, Some(&bad)));
+    assert!(
+        line.contains("bad.json: not a containers auth file (a field of the wrong type at line")
+            && !line.contains("987654321"),
+        "{line}"
+    );
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+}

@@ -47,6 +47,10 @@ pub struct RegistryOptions {
     /// The directory of the docker `config.json` consulted for credentials
     /// (`$DOCKER_CONFIG`, else `~/.docker`).
     pub docker_config: Option<PathBuf>,
+    /// The containers auth files consulted after the docker config, in
+    /// order (`$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`,
+    /// `~/.config/containers/auth.json`).
+    pub auth_files: Vec<PathBuf>,
     /// Plain http even for non-loopback hosts.
     pub plain_http: bool,
     /// `--username` and the password read from stdin.
@@ -75,6 +79,7 @@ impl Default for RegistryOptions {
             epoch_token: None,
             ca_cert: None,
             docker_config: None,
+            auth_files: Vec::new(),
             plain_http: false,
             credentials: None,
             mirrors: Vec::new(),
@@ -143,8 +148,10 @@ impl Registry {
         let namespace = registry_origin.authority();
         let credentials = CredentialStore {
             origin: Some(registry_origin),
+            repository: Some(name.repository.clone()),
             explicit: opts.credentials.clone(),
             docker_config_dir: opts.docker_config.clone(),
+            auth_files: opts.auth_files.clone(),
         };
         let client = Client::new(ClientOptions {
             retries: opts.retries,
