@@ -51,7 +51,7 @@ pub(crate) mod verify;
 pub(crate) mod zerocopy;
 
 pub use digest::{Algorithm, Digest};
-pub use error::{Error, Result};
+pub use error::{Error, NetFault, Result};
 pub use inspect::Report;
 pub use manifest::{DiskLayer, DiskPlan, Manifest, disk_plan};
 pub use progress::Progress;

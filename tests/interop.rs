@@ -1036,3 +1036,132 @@ fn mkfifo(path: &Path) {
     let status = Command::new("mkfifo").arg(path).status().unwrap();
     assert!(status.success());
 }
+
+// ---- 7. a dead or hung mirror costs once per run ----
+
+/// Six parts in a real registry, as `team/img:v1`; the image and the
+/// manifest digest.
+fn six_part_registry(seed: u64) -> (common::registry::Registry, Image, String) {
+    let image = Image::split(&data(6 * 200_003, seed), 200_003);
+    let reg = common::registry::Registry::start();
+    let (digest, _) = reg.push_image("team/img", "v1", &image);
+    (reg, image, digest)
+}
+
+/// `get` through `mirror`, 64 KiB range chunks, a 1 s stall timeout.
+fn get_through_mirror(
+    wrapper: Option<(&str, &[&str])>,
+    source: &str,
+    mirror: &str,
+    connections: &str,
+) -> std::process::Output {
+    let args = [
+        "get",
+        "-q",
+        source,
+        "--mirror",
+        mirror,
+        "--stall-timeout",
+        "1",
+        "--connections",
+        connections,
+    ];
+    let mut cmd = match wrapper {
+        Some((program, before)) => {
+            let mut c = Command::new(program);
+            c.args(before).arg(env!("CARGO_BIN_EXE_cloudimg"));
+            c
+        }
+        None => bin(),
+    };
+    cmd.args(args)
+        .env("CLOUDIMG_CHUNK_SIZE", "65536")
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The one stderr line about `mirror`: it was struck off for the run.
+fn struck_off_once(out: &std::process::Output, mirror: &str, why: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line about the mirror: {err}");
+    assert!(
+        lines[0].starts_with(&format!("cloudimg: mirror {mirror}: "))
+            && lines[0].contains(why)
+            && lines[0].ends_with("; not asked again in this run"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_hung_mirror_costs_one_stall_timeout_per_run() {
+    use common::httpd::{Reply, Server};
+    let (reg, image, digest) = six_part_registry(71);
+    let want = expected_disk(&image);
+    // Accepts, reads the request, and never answers.
+    let hung = Server::start(|_, _| {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        Reply::status(503)
+    });
+    let tagged = format!("{}/team/img:v1", reg.host());
+    // Digest-pinned: the manifest is asked of the mirror too.
+    let pinned = format!("{}/team/img@{digest}", reg.host());
+    let mut runs = 0;
+    for source in [&tagged, &pinned] {
+        for connections in ["1", "4"] {
+            let started = std::time::Instant::now();
+            let out = get_through_mirror(None, source, &hung.url(), connections);
+            let took = started.elapsed();
+            assert!(ok(&out) == want, "{source} {connections}");
+            struck_off_once(&out, &hung.url(), "stalled");
+            runs += 1;
+            // One stall of 1 s, not one per part (six) and manifest.
+            assert!(
+                took < std::time::Duration::from_secs(4),
+                "{source}, {connections} connection(s): {took:?}"
+            );
+            assert_eq!(hung.requests().len(), runs, "one request per run");
+        }
+    }
+}
+
+#[test]
+fn a_mirror_refusing_connections_is_tried_once_per_run() {
+    let (reg, image, digest) = six_part_registry(72);
+    let want = expected_disk(&image);
+    // A loopback port nobody listens on: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mirror = format!("http://127.0.0.1:{port}");
+    let tmp = TempDir::new().unwrap();
+    let pinned = format!("{}/team/img@{digest}", reg.host());
+    for (i, source) in [format!("{}/team/img:v1", reg.host()), pinned]
+        .iter()
+        .enumerate()
+    {
+        for connections in ["1", "4"] {
+            // Every connect() the run makes, counted by strace.
+            let trace = tmp.path().join(format!("{i}-{connections}.trace"));
+            let trace_arg = trace.display().to_string();
+            let strace = ["-f", "-e", "trace=connect", "-o", trace_arg.as_str()];
+            let out = get_through_mirror(Some(("strace", &strace)), source, &mirror, connections);
+            assert!(ok(&out) == want, "{source} {connections}");
+            struck_off_once(&out, &mirror, "refused");
+            let trace = std::fs::read_to_string(&trace).unwrap();
+            let attempts = trace
+                .lines()
+                .filter(|l| l.contains(&format!("sin_port=htons({port})")))
+                .count();
+            assert_eq!(
+                attempts, 1,
+                "{source}, {connections} connection(s): {trace}"
+            );
+        }
+    }
+}
