@@ -1165,3 +1165,44 @@ fn a_mirror_refusing_connections_is_tried_once_per_run() {
         }
     }
 }
+
+// ---- 9. talking TLS to a plain-HTTP registry ----
+
+#[test]
+fn tls_to_a_plain_http_registry_fails_at_once_with_a_hint() {
+    let (reg, _, _) = six_part_registry(91);
+    // https:// to a registry that speaks plain http: an EPOCH_SERVER, and
+    // a mirror (which is then skipped for the registry).
+    let started = std::time::Instant::now();
+    let out = bin()
+        .args(["get", "-q", "team/img:v1", "--retries", "5"])
+        .env("EPOCH_SERVER", format!("https://{}", reg.host()))
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    println!("{line}");
+    assert!(
+        line.contains(&format!("https://{}", reg.host()))
+            && line.contains("speaks plain http")
+            && line.contains("--plain-http")
+            && line.contains("http://")
+            && !line.contains("gave up"),
+        "{line}"
+    );
+    // No retries: the five would take several seconds of backoff.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The same registry named as an https mirror of itself: that mirror is
+    // dead for the run, said once with the hint; the registry serves.
+    let (reg, image, _) = six_part_registry(92);
+    let mirror = format!("https://{}", reg.host());
+    let source = format!("{}/team/img:v1", reg.host());
+    let out = get_through_mirror(None, &source, &mirror, "1");
+    assert!(ok(&out) == expected_disk(&image));
+    struck_off_once(&out, &mirror, "speaks plain http, not TLS");
+}

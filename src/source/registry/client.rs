@@ -579,6 +579,17 @@ pub fn body_error_text(e: &std::io::Error) -> String {
 }
 
 fn transport_failure(url: &str, e: ureq::Error) -> Failure {
+    if url.starts_with("https://") && answered_in_plain_http(&e) {
+        // No retry can help: the scheme is wrong, not the network.
+        return Failure::Fatal(Error::Network {
+            what: format!("GET {}", redact(url)),
+            cause: "the server speaks plain http, not TLS (use an http:// URL, or \
+                    --plain-http for a registry reference)"
+                .to_owned(),
+            fault: NetFault::Unreachable,
+            retries: 0,
+        });
+    }
     let fault = net_fault(&e);
     let error = Error::Network {
         what: format!("GET {}", redact(url)),
@@ -599,6 +610,22 @@ fn transport_failure(url: &str, e: ureq::Error) -> Failure {
         },
         _ => Failure::Fatal(error),
     }
+}
+
+/// Whether a TLS handshake failed because the server's first bytes were no
+/// TLS record at all — what a plain-http server's `400 Bad Request` to a
+/// ClientHello looks like.
+fn answered_in_plain_http(e: &ureq::Error) -> bool {
+    let ureq::Error::Io(io) = e else {
+        return false;
+    };
+    matches!(
+        io.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
 }
 
 /// Whether a failed request reached its server, and whether that answered.
