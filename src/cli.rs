@@ -314,6 +314,9 @@ struct Environment {
     mirrors: Option<String>,
     chunk_size: Option<String>,
     io: Option<String>,
+    /// `$TMPDIR`, else `/tmp`: where a repeated network blob is kept when
+    /// the output has no directory of its own.
+    temp_dir: PathBuf,
 }
 
 impl Environment {
@@ -339,6 +342,7 @@ impl Environment {
             mirrors: text(ENV_MIRRORS),
             chunk_size: text(ENV_CHUNK),
             io: text(ENV_IO),
+            temp_dir: var("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from),
         }
     }
 }
@@ -593,6 +597,7 @@ fn options(no_verify: bool, env: &Environment) -> Options {
     Options {
         verify: !no_verify,
         kernel_copy: env.io.as_deref() != Some("readwrite"),
+        spill_dir: Some(env.temp_dir.clone()),
         ..Options::default()
     }
 }
@@ -620,10 +625,18 @@ fn get(a: GetArgs, env: &Environment) -> Result<()> {
         None => None,
     };
     let reference = Reference::parse(&a.source)?;
+    let base = options(a.no_verify, env);
     let opts = Options {
         sparse: parse_sparse(&a.sparse)?,
         format: parse_format(&a.format, true)?,
-        ..options(a.no_verify, env)
+        // A repeated blob is best kept beside the output: on its file
+        // system, its copies can be reflinks.
+        spill_dir: target
+            .as_ref()
+            .and_then(|t| t.staging_dir())
+            .map(PathBuf::from)
+            .or(base.spill_dir.clone()),
+        ..base
     };
     let source = source::open(&reference, &a.source_options(env)?)?;
     let resolved = source.resolve()?;

@@ -41,6 +41,7 @@ pub(crate) mod progress;
 pub(crate) mod pull;
 pub mod qcow2;
 pub mod reference;
+pub(crate) mod repeat;
 pub(crate) mod route;
 pub(crate) mod serve;
 pub(crate) mod signals;

@@ -1206,3 +1206,114 @@ fn tls_to_a_plain_http_registry_fails_at_once_with_a_hint() {
     assert!(ok(&out) == expected_disk(&image));
     struck_off_once(&out, &mirror, "speaks plain http, not TLS");
 }
+
+// ---- 8. a digest that repeats in the plan is fetched once ----
+
+#[test]
+fn a_repeated_part_is_fetched_once() {
+    use common::httpd::{Reply, Server};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    // A raw disk whose parts 1, 2 and 4 are all zeros (one digest), part 3
+    // data of the same size; 300 KiB parts, more than two 64 KiB chunks.
+    let len = 300 * 1024;
+    let zeros = vec![0u8; len];
+    let parts = [
+        data(len, 81),
+        zeros.clone(),
+        zeros.clone(),
+        data(len, 82),
+        zeros.clone(),
+    ];
+    let image = Image {
+        artifact_type: Some(OS_IMAGE.to_owned()),
+        config_media_type: EMPTY_CONFIG.to_owned(),
+        layers: parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Layer::new(RAW, &format!("disk.raw.{i:02}"), p.clone()))
+            .collect(),
+    };
+    let want = expected_disk(&image);
+    let zero_digest = sha256(&zeros);
+    let data_digest = sha256(&parts[3]);
+    let manifest = serde_json::to_vec(&image.manifest_json()).unwrap();
+    let mut blobs: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+    for p in &parts {
+        blobs.insert(sha256(p), Arc::new(p.clone()));
+    }
+    let server = Server::start(move |req, _| {
+        let path = req.path();
+        if path.starts_with("/v2/img/manifests/") {
+            return Reply::bytes(
+                200,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.clone(),
+            );
+        }
+        match path
+            .strip_prefix("/v2/img/blobs/")
+            .and_then(|d| blobs.get(d))
+        {
+            Some(b) => Reply::blob(Arc::clone(b)),
+            None => Reply::status(404),
+        }
+    });
+    let source = format!("{}/img:v1", server.host());
+    let requests_for = |digest: &str| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.path().ends_with(digest))
+            .count()
+    };
+    let tmp = TempDir::new().unwrap();
+    let mut zero_before = 0;
+    let mut data_before = 0;
+    for connections in ["1", "4"] {
+        for (how, format) in [("pipe", "raw"), ("file", "raw"), ("file", "qcow2")] {
+            let file = tmp.path().join(format!("out-{connections}-{format}"));
+            let mut cmd = bin();
+            cmd.args(["get", "-q", &source, "--connections", connections])
+                .args(["--format", format])
+                .env("CLOUDIMG_CHUNK_SIZE", "65536")
+                .env("DOCKER_CONFIG", "/nonexistent")
+                .env("TMPDIR", tmp.path())
+                .stdin(Stdio::null());
+            if how == "file" {
+                cmd.arg("-o").arg(&file);
+            }
+            let out = cmd.output().unwrap();
+            let got = ok(&out).to_vec();
+            let case = format!("{how}, {format}, {connections} connection(s)");
+            match (how, format) {
+                ("pipe", _) => assert!(got == want, "{case}"),
+                (_, "raw") => assert!(std::fs::read(&file).unwrap() == want, "{case}"),
+                _ => assert!(
+                    std::fs::read(&file).unwrap().starts_with(b"QFI\xfb"),
+                    "{case}"
+                ),
+            }
+            // The three zero parts cost what the one data part of the same
+            // size costs: one fetch.
+            let zero = requests_for(&zero_digest) - zero_before;
+            let data = requests_for(&data_digest) - data_before;
+            assert_eq!(
+                zero, data,
+                "{case}: zero parts fetched {zero} times, data {data}"
+            );
+            if connections == "1" {
+                assert_eq!(zero, 1, "{case}");
+            }
+            zero_before += zero;
+            data_before += data;
+            // Nothing left behind where the repeat was kept.
+            let left: Vec<_> = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n.to_string_lossy().contains("cloudimg"))
+                .collect();
+            assert!(left.is_empty(), "{left:?}");
+        }
+    }
+}
