@@ -40,7 +40,8 @@ colons and slashes (oci:./l:127.0.0.1:5000/team/img:v1); reach a directory with 
 name through a symlink, or by a relative path from below the colon.\n\
 Environment: EPOCH_SERVER (default http://127.0.0.1:8080), EPOCH_REGISTRY_TOKEN (bearer for \
 EPOCH_SERVER only), EPOCH_CA_CERT (extra PEM CA), EPOCH_COCOON_BINARY (cocoon for `pull`), \
-DOCKER_CONFIG (credentials), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
+DOCKER_CONFIG then REGISTRY_AUTH_FILE (credentials; then $XDG_RUNTIME_DIR/containers/auth.json \
+and ~/.config/containers/auth.json), CLOUDIMG_MIRRORS (comma-separated mirror URLs), \
 CLOUDIMG_CHUNK_SIZE (bytes per range request), CLOUDIMG_IO=readwrite (portable I/O path), \
 CLOUDIMG_CACHE (the cache layout of get and pull).\n\
 Exit status: 0 success, 1 failure (one `cloudimg: …` line on stderr), 2 usage error, \
@@ -352,11 +353,17 @@ struct Environment {
     cocoon: Option<OsString>,
     /// `$DOCKER_CONFIG`, else `$HOME/.docker`.
     docker_config: Option<PathBuf>,
+    /// The containers auth files, in order: `$REGISTRY_AUTH_FILE`,
+    /// `$XDG_RUNTIME_DIR/containers/auth.json`, `$HOME/.config/containers/auth.json`.
+    auth_files: Vec<PathBuf>,
     mirrors: Option<String>,
     chunk_size: Option<String>,
     io: Option<String>,
     /// `$CLOUDIMG_CACHE`: the cache layout of `get` and `pull`.
     cache: Option<PathBuf>,
+    /// `$TMPDIR`, else `/tmp`: where a repeated network blob is kept when
+    /// the output has no directory of its own.
+    temp_dir: PathBuf,
 }
 
 impl Environment {
@@ -371,10 +378,19 @@ impl Environment {
             docker_config: var("DOCKER_CONFIG")
                 .map(PathBuf::from)
                 .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".docker"))),
+            auth_files: [
+                var("REGISTRY_AUTH_FILE").map(PathBuf::from),
+                var("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("containers/auth.json")),
+                var("HOME").map(|h| PathBuf::from(h).join(".config/containers/auth.json")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             mirrors: text(ENV_MIRRORS),
             chunk_size: text(ENV_CHUNK),
             io: text(ENV_IO),
             cache: var(ENV_CACHE).map(PathBuf::from),
+            temp_dir: var("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from),
         }
     }
 }
@@ -527,6 +543,7 @@ fn source_options(f: SourceFlags<'_>, env: &Environment) -> Result<SourceOptions
             epoch_token: env.epoch_token.clone().map(Secret::new),
             ca_cert: env.ca_cert.clone(),
             docker_config: env.docker_config.clone(),
+            auth_files: env.auth_files.clone(),
             chunk_size,
             plain_http: f.plain_http,
             credentials,
@@ -632,6 +649,7 @@ fn options(no_verify: bool, env: &Environment) -> Options {
     Options {
         verify: !no_verify,
         kernel_copy: env.io.as_deref() != Some("readwrite"),
+        spill_dir: Some(env.temp_dir.clone()),
         ..Options::default()
     }
 }
@@ -815,10 +833,18 @@ fn get(a: GetArgs, env: &Environment) -> Result<()> {
         None => None,
     };
     let reference = Reference::parse(&a.source)?;
+    let base = options(a.no_verify, env);
     let opts = Options {
         sparse: parse_sparse(&a.sparse)?,
         format: parse_format(&a.format, true)?,
-        ..options(a.no_verify, env)
+        // A repeated blob is best kept beside the output: on its file
+        // system, its copies can be reflinks.
+        spill_dir: target
+            .as_ref()
+            .and_then(|t| t.staging_dir())
+            .map(PathBuf::from)
+            .or(base.spill_dir.clone()),
+        ..base
     };
     let cache = a.cache.as_ref().or(env.cache.as_ref());
     let src = Source::open(&reference, &a.source_options(env)?, cache, opts.verify)?;

@@ -9,6 +9,21 @@ use std::io;
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How a network failure came about, as far as it decides whether the
+/// other end is worth asking again: a mirror that cannot be reached or
+/// stops answering is not asked again in the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetFault {
+    /// No connection: refused, unreachable, no such host, no TCP or TLS
+    /// handshake in time, or no TLS at all where TLS was asked for.
+    Unreachable,
+    /// Connected, then nothing (or too little) arrived within the stall
+    /// timeout.
+    Stalled,
+    /// Anything else: a connection closed or reset, a protocol error.
+    Lost,
+}
+
 /// Everything that can go wrong while resolving, streaming or importing an image.
 #[derive(Debug)]
 pub enum Error {
@@ -54,6 +69,8 @@ pub enum Error {
         what: String,
         /// What went wrong.
         cause: String,
+        /// Whether the other end was reached at all, and answered.
+        fault: NetFault,
         /// Retries spent before giving up.
         retries: u32,
     },
@@ -227,6 +244,7 @@ impl fmt::Display for Error {
                 what,
                 cause,
                 retries,
+                ..
             } => {
                 write!(f, "{what}: {cause}")?;
                 gave_up(f, *retries)
@@ -316,6 +334,7 @@ mod tests {
         let e = Error::Network {
             what: "connection lost at byte 7".into(),
             cause: "reset".into(),
+            fault: NetFault::Lost,
             retries: 1,
         };
         assert_eq!(

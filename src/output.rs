@@ -59,6 +59,15 @@ enum TargetKind {
 const MAX_LINKS: usize = 40;
 
 impl Target {
+    /// The directory a regular file is staged in (`None` for a device, a
+    /// FIFO or a socket).
+    pub fn staging_dir(&self) -> Option<&Path> {
+        match &self.kind {
+            TargetKind::Staged { dir, .. } => Some(dir),
+            _ => None,
+        }
+    }
+
     /// Follow FILE to what it names and check that it can be written.
     pub fn resolve(path: &Path) -> Result<Target> {
         let shown = path.display().to_string();

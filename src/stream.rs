@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustix::io::Errno;
@@ -27,6 +28,7 @@ use crate::lease::{self, Leases};
 use crate::manifest::{DiskLayer, DiskPlan, Format};
 use crate::progress::Progress;
 use crate::qcow2::{self, FileBlob, Qcow2Frame};
+use crate::repeat::{Repeats, Spill};
 use crate::route::{self, BlobKind, Policy, Route, Sparse};
 use crate::signals;
 use crate::sink::Sink;
@@ -50,6 +52,11 @@ pub struct Options {
     /// The disk format to deliver (`None`: the image's own). A raw disk
     /// can be delivered as qcow2; a qcow2 disk only as itself.
     pub format: Option<Format>,
+    /// Where a network blob whose digest repeats later in the plan is kept,
+    /// in a private file without a name, so that it is fetched once (see
+    /// [`crate::repeat`]); `None`: fetched at every occurrence. Best on the
+    /// output's file system, where the copies can be reflinks.
+    pub spill_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -60,8 +67,16 @@ impl Default for Options {
             sparse: Sparse::Auto,
             kernel_copy: true,
             format: None,
+            spill_dir: None,
         }
     }
+}
+
+/// A blob of the plan, queued: open, or a later occurrence of an earlier
+/// slot's digest, to be served from that slot's spill once it is complete.
+enum Queued {
+    Open(Planned),
+    Later { first: usize },
 }
 
 /// An open blob and the way it will take.
@@ -106,39 +121,50 @@ pub fn stream_plan(
     let mut buffered = Buffered::new(sink.fd(), policy.sparse != Sparse::Never, opts.verify);
     let mut leases = Leases::default();
     let ahead = source.open_ahead().max(1);
-    let mut opened: VecDeque<Planned> = VecDeque::new();
+    let mut opened: VecDeque<Queued> = VecDeque::new();
+    let mut repeats = Repeats::new(plan, opts.spill_dir.clone());
 
     for (slot, layer) in plan.layers.iter().enumerate() {
         // Keep this blob and up to `ahead` more open; hash kernel-route
-        // blobs as soon as they are open.
+        // blobs as soon as they are open. A digest seen before in the plan
+        // is not fetched again: it waits for the earlier one's spill.
         let mut next = slot + opened.len();
         while next < plan.layers.len() && next <= slot.saturating_add(ahead) {
             let l = &plan.layers[next];
-            let planned = plan_blob(source.open_blob(l)?, &policy, sink);
-            if let (true, Opened::File { file, offset, len }, Route::Kernel(_)) =
-                (opts.verify, &planned.blob, planned.route)
-            {
-                verifier.submit(Job {
-                    slot: next,
-                    file: Arc::clone(file),
-                    offset: *offset,
-                    len: *len,
-                    expected: l.digest.clone(),
-                    name: l.label(),
-                })?;
-            }
-            opened.push_back(planned);
+            let queued = match repeats.served_by(next) {
+                Some(first) => Queued::Later { first },
+                None => {
+                    let blob = source.open_blob(l)?;
+                    repeats.start(next, &blob);
+                    let planned = plan_blob(blob, &policy, sink);
+                    hash_beside(&mut verifier, opts.verify, next, l, &planned)?;
+                    Queued::Open(planned)
+                }
+            };
+            opened.push_back(queued);
             next += 1;
         }
         if let (0, Some(frame)) = (slot, frame.as_mut()) {
             frame_head(frame, &opened, &mut buffered, progress)?;
         }
         signals::check()?;
+        let planned = match opened.pop_front().expect("the current blob is open") {
+            Queued::Open(planned) => planned,
+            Queued::Later { first } => {
+                let blob = match repeats.blob(first, layer.size) {
+                    Some(blob) => blob,
+                    None => source.open_blob(layer)?,
+                };
+                let planned = plan_blob(blob, &policy, sink);
+                hash_beside(&mut verifier, opts.verify, slot, layer, &planned)?;
+                planned
+            }
+        };
         let Planned {
             blob,
             route,
             leased,
-        } = opened.pop_front().expect("the current blob is open");
+        } = planned;
         let label = layer.label();
         // With a frame, the ranges of the blob that are delivered.
         let keep = frame.as_ref().map(|f| f.keep(slot));
@@ -163,11 +189,13 @@ pub fn stream_plan(
             (Opened::File { file, offset, len }, Route::Buffered { .. }) => {
                 let mut range = FileRange::new(&file, Range { offset, len });
                 let mut tick = ticker(progress, &verifier, None);
-                buffered.run(&mut range, layer, &label, keep.as_deref(), &mut tick)?;
+                buffered.run(&mut range, layer, &label, keep.as_deref(), None, &mut tick)?;
             }
             (Opened::Stream(mut body), _) => {
                 let mut tick = ticker(progress, &verifier, None);
-                buffered.run(&mut *body, layer, &label, keep.as_deref(), &mut tick)?;
+                let spill = repeats.writing(slot);
+                buffered.run(&mut *body, layer, &label, keep.as_deref(), spill, &mut tick)?;
+                repeats.finished(slot, layer.size);
             }
         }
     }
@@ -186,20 +214,24 @@ pub fn stream_plan(
 /// layout's) and write its metadata, before any byte of the disk.
 fn frame_head(
     frame: &mut Qcow2Frame,
-    opened: &VecDeque<Planned>,
+    opened: &VecDeque<Queued>,
     out: &mut Buffered<'_>,
     progress: &mut Progress,
 ) -> Result<()> {
     let files: Vec<FileBlob<'_>> = opened
         .iter()
         .enumerate()
-        .filter_map(|(slot, p)| match &p.blob {
-            Opened::File { file, offset, .. } => Some(FileBlob {
+        .filter_map(|(slot, q)| match q {
+            Queued::Open(Planned {
+                blob: Opened::File { file, offset, .. },
+                ..
+            }) => Some(FileBlob {
                 slot,
                 file,
                 offset: *offset,
             }),
-            Opened::Stream(_) => None,
+            // Streams, and repeats of streams: every cluster holds data.
+            _ => None,
         })
         .collect();
     progress.set_total(frame.plan(&files)?);
@@ -208,6 +240,29 @@ fn frame_head(
         progress.advance(bytes.len() as u64);
         signals::check()
     })
+}
+
+/// Queue a verified file blob on a kernel route with the hashing threads.
+fn hash_beside(
+    verifier: &mut Verifier,
+    verify: bool,
+    slot: usize,
+    layer: &DiskLayer,
+    planned: &Planned,
+) -> Result<()> {
+    if let (true, Opened::File { file, offset, len }, Route::Kernel(_)) =
+        (verify, &planned.blob, planned.route)
+    {
+        verifier.submit(Job {
+            slot,
+            file: Arc::clone(file),
+            offset: *offset,
+            len: *len,
+            expected: layer.digest.clone(),
+            name: layer.label(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Decide an opened blob's route; a file blob on its way to a kernel route
@@ -287,13 +342,15 @@ impl<'fd> Buffered<'fd> {
     /// Move exactly `layer.size` bytes of `body` into the sink and check
     /// them; more or fewer bytes than the size is an error. With `keep`,
     /// only those ranges of the blob are written, and every other byte must
-    /// be zero (it is hashed all the same).
+    /// be zero (it is hashed all the same). With `spill`, every byte also
+    /// goes there, from the very buffer that is hashed.
     fn run(
         &mut self,
         body: &mut dyn Read,
         layer: &DiskLayer,
         label: &str,
         keep: Option<&[Range]>,
+        mut spill: Option<&mut Spill>,
         tick: Tick<'_>,
     ) -> Result<()> {
         if self.verify && self.hasher.is_none() {
@@ -335,6 +392,9 @@ impl<'fd> Buffered<'fd> {
                     put_kept(&buf[..n], at, keep, &mut next_kept, label, &mut put)?
                 }
             };
+            if let Some(spill) = spill.as_deref_mut() {
+                spill.write(size - left, &buf[..n]);
+            }
             left -= n as u64;
             match hasher.as_deref_mut() {
                 Some(h) => h.feed(buf, n)?,

@@ -783,3 +783,537 @@ fn inspect_json_uses_oci_field_names() {
     );
     let _ = image;
 }
+
+// ---- 6. credentials where podman, buildah and skopeo keep them ----
+
+/// A registry (scripted: Debian's docker-registry wants bcrypt for its
+/// htpasswd) that answers only `Authorization: Basic` of alice:s3cret, as
+/// distribution's htpasswd mode does: `401` with a Basic challenge.
+fn basic_registry(image: &Image) -> common::httpd::Server {
+    use common::httpd::{Reply, Server};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    let manifest = serde_json::to_vec(&image.manifest_json()).unwrap();
+    let mut blobs: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+    blobs.insert(sha256(b"{}"), Arc::new(b"{}".to_vec()));
+    for l in &image.layers {
+        blobs.insert(sha256(&l.data), Arc::new(l.data.clone()));
+    }
+    Server::start(move |req, _| {
+        // base64("alice:s3cret")
+        if req.header("authorization") != Some("Basic YWxpY2U6czNjcmV0") {
+            return Reply::status(401).header("WWW-Authenticate", "Basic realm=\"Registry Realm\"");
+        }
+        let path = req.path();
+        if path.starts_with("/v2/team/img/manifests/") {
+            return Reply::bytes(
+                200,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.clone(),
+            );
+        }
+        match path
+            .strip_prefix("/v2/team/img/blobs/")
+            .and_then(|d| blobs.get(d))
+        {
+            Some(b) => Reply::blob(Arc::clone(b)),
+            None => Reply::status(404),
+        }
+    })
+}
+
+/// The homes of credentials: a docker config directory, `XDG_RUNTIME_DIR`
+/// and `HOME`, all empty at first.
+struct CredentialHomes {
+    _tmp: TempDir,
+    docker: std::path::PathBuf,
+    xdg: std::path::PathBuf,
+    home: std::path::PathBuf,
+}
+
+impl CredentialHomes {
+    fn new() -> CredentialHomes {
+        let tmp = TempDir::new().unwrap();
+        let [docker, xdg, home] = ["docker", "xdg", "home"].map(|d| tmp.path().join(d));
+        for d in [&docker, &xdg, &home] {
+            std::fs::create_dir(d).unwrap();
+        }
+        CredentialHomes {
+            _tmp: tmp,
+            docker,
+            xdg,
+            home,
+        }
+    }
+
+    fn write(&self, path: &Path, json: &Value) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, serde_json::to_vec(json).unwrap()).unwrap();
+    }
+
+    fn xdg_file(&self) -> std::path::PathBuf {
+        self.xdg.join("containers/auth.json")
+    }
+
+    fn home_file(&self) -> std::path::PathBuf {
+        self.home.join(".config/containers/auth.json")
+    }
+
+    /// `cloudimg get` of `source` with these homes (and `REGISTRY_AUTH_FILE`
+    /// when given), ended after 20 s should it hang.
+    fn get(&self, source: &str, auth_file: Option<&Path>) -> std::process::Output {
+        let mut cmd = bin();
+        cmd.args(["get", "-q", source])
+            .env("DOCKER_CONFIG", &self.docker)
+            .env("XDG_RUNTIME_DIR", &self.xdg)
+            .env("HOME", &self.home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(f) = auth_file {
+            cmd.env("REGISTRY_AUTH_FILE", f);
+        }
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if rx.recv_timeout(std::time::Duration::from_secs(20)).is_err() {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = tx.send(());
+        out
+    }
+}
+
+fn auths(host: &str, entry: Value) -> Value {
+    json!({ "auths": { host: entry } })
+}
+
+#[test]
+fn credentials_from_the_containers_auth_files_in_order() {
+    let image = Image::split(&data(5000, 61), 1500);
+    let want = expected_disk(&image);
+    let server = basic_registry(&image);
+    let host = server.host();
+    let source = format!("{host}/team/img:v1");
+    let right = json!({ "auth": "YWxpY2U6czNjcmV0" });
+    let wrong = json!({ "username": "alice", "password": "wr0ng-pass" });
+
+    // Without credentials: the Basic challenge cannot be answered.
+    let h = CredentialHomes::new();
+    let line = failure(&h.get(&source, None));
+    assert!(line.contains("asks for a user name and password"), "{line}");
+
+    // Each place alone: REGISTRY_AUTH_FILE (plain username and password),
+    // $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json.
+    let h = CredentialHomes::new();
+    let file = h.home.join("my-auth.json");
+    h.write(
+        &file,
+        &auths(&host, json!({ "username": "alice", "password": "s3cret" })),
+    );
+    assert!(ok(&h.get(&source, Some(&file))) == want);
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths(&host, right.clone()));
+    assert!(ok(&h.get(&source, None)) == want);
+    let h = CredentialHomes::new();
+    h.write(
+        &h.home_file(),
+        &auths(&format!("http://{host}"), right.clone()),
+    );
+    assert!(ok(&h.get(&source, None)) == want);
+
+    // The order: docker's config first, then REGISTRY_AUTH_FILE, then
+    // XDG_RUNTIME_DIR's, then HOME's. The first that names the registry
+    // wins, so a wrong password ahead of a right one fails.
+    let h = CredentialHomes::new();
+    h.write(&h.docker.join("config.json"), &auths(&host, wrong.clone()));
+    h.write(&h.xdg_file(), &auths(&host, right.clone()));
+    let line = failure(&h.get(&source, None));
+    assert!(
+        line.contains("401") && !line.contains("wr0ng-pass"),
+        "{line}"
+    );
+    let h = CredentialHomes::new();
+    let file = h.home.join("my-auth.json");
+    h.write(&file, &auths(&host, right.clone()));
+    h.write(&h.xdg_file(), &auths(&host, wrong.clone()));
+    assert!(ok(&h.get(&source, Some(&file))) == want);
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths(&host, wrong.clone()));
+    h.write(&h.home_file(), &auths(&host, right.clone()));
+    failure(&h.get(&source, None));
+    // A file that does not name the registry is passed over.
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths("other.example:5000", wrong.clone()));
+    h.write(&h.home_file(), &auths(&host, right.clone()));
+    assert!(ok(&h.get(&source, None)) == want);
+
+    // Namespaced keys, as podman writes them for `podman login HOST/NS`:
+    // the longest namespace the repository lies in; another one never.
+    let h = CredentialHomes::new();
+    h.write(
+        &h.xdg_file(),
+        &json!({ "auths": {
+            host.clone(): wrong.clone(),
+            format!("{host}/team"): right.clone(),
+            format!("{host}/team/img/x"): wrong.clone(),
+        }}),
+    );
+    assert!(ok(&h.get(&source, None)) == want);
+    let h = CredentialHomes::new();
+    h.write(
+        &h.xdg_file(),
+        &auths(&format!("{host}/other"), right.clone()),
+    );
+    failure(&h.get(&source, None));
+
+    // Credentials belong to their origin: the same file for this host on
+    // another port gives nothing here.
+    let h = CredentialHomes::new();
+    h.write(&h.xdg_file(), &auths("127.0.0.1:1", right.clone()));
+    failure(&h.get(&source, None));
+}
+
+#[test]
+fn auth_files_that_are_fifos_huge_or_malformed_fail_in_one_line() {
+    let image = Image::split(&data(5000, 62), 1500);
+    let server = basic_registry(&image);
+    let source = format!("{}/team/img:v1", server.host());
+    let h = CredentialHomes::new();
+    // A FIFO nobody writes to: refused at once, not waited on.
+    let fifo = h.home.join("fifo.json");
+    mkfifo(&fifo);
+    let started = std::time::Instant::now();
+    let line = failure(&h.get(&source, Some(&fifo)));
+    assert!(
+        line.contains("fifo.json") && line.contains("is a FIFO"),
+        "{line}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // A directory, and a character device.
+    let line = failure(&h.get(&source, Some(&h.home)));
+    assert!(line.contains("is a directory"), "{line}");
+    let line = failure(&h.get(&source, Some(Path::new("/dev/zero"))));
+    assert!(line.contains("is a device"), "{line}");
+    // A huge (sparse) file: refused by its size, nothing read.
+    let huge = h.home.join("huge.json");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let line = failure(&h.get(&source, Some(&huge)));
+    assert!(
+        line.contains("larger than the 4194304 byte limit"),
+        "{line}"
+    );
+    // The same rules for docker's config.json.
+    let h2 = CredentialHomes::new();
+    mkfifo(&h2.docker.join("config.json"));
+    let line = failure(&h2.get(&source, None));
+    assert!(line.contains("config.json: is a FIFO"), "{line}");
+    // A malformed file says where, never what: a password of the wrong
+    // type would be quoted by the JSON parser's own message.
+    let bad = h.home.join("bad.json");
+    h.write(
+        &bad,
+        &auths(
+            &server.host(),
+            json!({ "username": "alice", "password": 987654321 }),
+        ),
+    );
+    let line = failure(&h.get(&source, Some(&bad)));
+    assert!(
+        line.contains("bad.json: not a containers auth file (a field of the wrong type at line")
+            && !line.contains("987654321"),
+        "{line}"
+    );
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+}
+
+// ---- 7. a dead or hung mirror costs once per run ----
+
+/// Six parts in a real registry, as `team/img:v1`; the image and the
+/// manifest digest.
+fn six_part_registry(seed: u64) -> (common::registry::Registry, Image, String) {
+    let image = Image::split(&data(6 * 200_003, seed), 200_003);
+    let reg = common::registry::Registry::start();
+    let (digest, _) = reg.push_image("team/img", "v1", &image);
+    (reg, image, digest)
+}
+
+/// `get` through `mirror`, 64 KiB range chunks, a 1 s stall timeout.
+fn get_through_mirror(
+    wrapper: Option<(&str, &[&str])>,
+    source: &str,
+    mirror: &str,
+    connections: &str,
+) -> std::process::Output {
+    let args = [
+        "get",
+        "-q",
+        source,
+        "--mirror",
+        mirror,
+        "--stall-timeout",
+        "1",
+        "--connections",
+        connections,
+    ];
+    let mut cmd = match wrapper {
+        Some((program, before)) => {
+            let mut c = Command::new(program);
+            c.args(before).arg(env!("CARGO_BIN_EXE_cloudimg"));
+            c
+        }
+        None => bin(),
+    };
+    cmd.args(args)
+        .env("CLOUDIMG_CHUNK_SIZE", "65536")
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The one stderr line about `mirror`: it was struck off for the run.
+fn struck_off_once(out: &std::process::Output, mirror: &str, why: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line about the mirror: {err}");
+    assert!(
+        lines[0].starts_with(&format!("cloudimg: mirror {mirror}: "))
+            && lines[0].contains(why)
+            && lines[0].ends_with("; not asked again in this run"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_hung_mirror_costs_one_stall_timeout_per_run() {
+    use common::httpd::{Reply, Server};
+    let (reg, image, digest) = six_part_registry(71);
+    let want = expected_disk(&image);
+    // Accepts, reads the request, and never answers.
+    let hung = Server::start(|_, _| {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        Reply::status(503)
+    });
+    let tagged = format!("{}/team/img:v1", reg.host());
+    // Digest-pinned: the manifest is asked of the mirror too.
+    let pinned = format!("{}/team/img@{digest}", reg.host());
+    let mut runs = 0;
+    for source in [&tagged, &pinned] {
+        for connections in ["1", "4"] {
+            let started = std::time::Instant::now();
+            let out = get_through_mirror(None, source, &hung.url(), connections);
+            let took = started.elapsed();
+            assert!(ok(&out) == want, "{source} {connections}");
+            struck_off_once(&out, &hung.url(), "stalled");
+            runs += 1;
+            // One stall of 1 s, not one per part (six) and manifest.
+            assert!(
+                took < std::time::Duration::from_secs(4),
+                "{source}, {connections} connection(s): {took:?}"
+            );
+            assert_eq!(hung.requests().len(), runs, "one request per run");
+        }
+    }
+}
+
+#[test]
+fn a_mirror_refusing_connections_is_tried_once_per_run() {
+    let (reg, image, digest) = six_part_registry(72);
+    let want = expected_disk(&image);
+    // A loopback port nobody listens on: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mirror = format!("http://127.0.0.1:{port}");
+    let tmp = TempDir::new().unwrap();
+    let pinned = format!("{}/team/img@{digest}", reg.host());
+    for (i, source) in [format!("{}/team/img:v1", reg.host()), pinned]
+        .iter()
+        .enumerate()
+    {
+        for connections in ["1", "4"] {
+            // Every connect() the run makes, counted by strace.
+            let trace = tmp.path().join(format!("{i}-{connections}.trace"));
+            let trace_arg = trace.display().to_string();
+            let strace = ["-f", "-e", "trace=connect", "-o", trace_arg.as_str()];
+            let out = get_through_mirror(Some(("strace", &strace)), source, &mirror, connections);
+            assert!(ok(&out) == want, "{source} {connections}");
+            struck_off_once(&out, &mirror, "refused");
+            let trace = std::fs::read_to_string(&trace).unwrap();
+            let attempts = trace
+                .lines()
+                .filter(|l| l.contains(&format!("sin_port=htons({port})")))
+                .count();
+            assert_eq!(
+                attempts, 1,
+                "{source}, {connections} connection(s): {trace}"
+            );
+        }
+    }
+}
+
+// ---- 9. talking TLS to a plain-HTTP registry ----
+
+#[test]
+fn tls_to_a_plain_http_registry_fails_at_once_with_a_hint() {
+    let (reg, _, _) = six_part_registry(91);
+    // https:// to a registry that speaks plain http: an EPOCH_SERVER, and
+    // a mirror (which is then skipped for the registry).
+    let started = std::time::Instant::now();
+    let out = bin()
+        .args(["get", "-q", "team/img:v1", "--retries", "5"])
+        .env("EPOCH_SERVER", format!("https://{}", reg.host()))
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let line = failure(&out);
+    println!("{line}");
+    assert!(
+        line.contains(&format!("https://{}", reg.host()))
+            && line.contains("speaks plain http")
+            && line.contains("--plain-http")
+            && line.contains("http://")
+            && !line.contains("gave up"),
+        "{line}"
+    );
+    // No retries: the five would take several seconds of backoff.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The same registry named as an https mirror of itself: that mirror is
+    // dead for the run, said once with the hint; the registry serves.
+    let (reg, image, _) = six_part_registry(92);
+    let mirror = format!("https://{}", reg.host());
+    let source = format!("{}/team/img:v1", reg.host());
+    let out = get_through_mirror(None, &source, &mirror, "1");
+    assert!(ok(&out) == expected_disk(&image));
+    struck_off_once(&out, &mirror, "speaks plain http, not TLS");
+}
+
+// ---- 8. a digest that repeats in the plan is fetched once ----
+
+#[test]
+fn a_repeated_part_is_fetched_once() {
+    use common::httpd::{Reply, Server};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    // A raw disk whose parts 1, 2 and 4 are all zeros (one digest), part 3
+    // data of the same size; 300 KiB parts, more than two 64 KiB chunks.
+    let len = 300 * 1024;
+    let zeros = vec![0u8; len];
+    let parts = [
+        data(len, 81),
+        zeros.clone(),
+        zeros.clone(),
+        data(len, 82),
+        zeros.clone(),
+    ];
+    let image = Image {
+        artifact_type: Some(OS_IMAGE.to_owned()),
+        config_media_type: EMPTY_CONFIG.to_owned(),
+        layers: parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Layer::new(RAW, &format!("disk.raw.{i:02}"), p.clone()))
+            .collect(),
+    };
+    let want = expected_disk(&image);
+    let zero_digest = sha256(&zeros);
+    let data_digest = sha256(&parts[3]);
+    let manifest = serde_json::to_vec(&image.manifest_json()).unwrap();
+    let mut blobs: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+    for p in &parts {
+        blobs.insert(sha256(p), Arc::new(p.clone()));
+    }
+    let server = Server::start(move |req, _| {
+        let path = req.path();
+        if path.starts_with("/v2/img/manifests/") {
+            return Reply::bytes(
+                200,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest.clone(),
+            );
+        }
+        match path
+            .strip_prefix("/v2/img/blobs/")
+            .and_then(|d| blobs.get(d))
+        {
+            Some(b) => Reply::blob(Arc::clone(b)),
+            None => Reply::status(404),
+        }
+    });
+    let source = format!("{}/img:v1", server.host());
+    let requests_for = |digest: &str| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.path().ends_with(digest))
+            .count()
+    };
+    let tmp = TempDir::new().unwrap();
+    let mut zero_before = 0;
+    let mut data_before = 0;
+    for connections in ["1", "4"] {
+        for (how, format) in [("pipe", "raw"), ("file", "raw"), ("file", "qcow2")] {
+            let file = tmp.path().join(format!("out-{connections}-{format}"));
+            let mut cmd = bin();
+            cmd.args(["get", "-q", &source, "--connections", connections])
+                .args(["--format", format])
+                .env("CLOUDIMG_CHUNK_SIZE", "65536")
+                .env("DOCKER_CONFIG", "/nonexistent")
+                .env("TMPDIR", tmp.path())
+                .stdin(Stdio::null());
+            if how == "file" {
+                cmd.arg("-o").arg(&file);
+            }
+            let out = cmd.output().unwrap();
+            let got = ok(&out).to_vec();
+            let case = format!("{how}, {format}, {connections} connection(s)");
+            match (how, format) {
+                ("pipe", _) => assert!(got == want, "{case}"),
+                (_, "raw") => assert!(std::fs::read(&file).unwrap() == want, "{case}"),
+                _ => assert!(
+                    std::fs::read(&file).unwrap().starts_with(b"QFI\xfb"),
+                    "{case}"
+                ),
+            }
+            // The three zero parts cost what the one data part of the same
+            // size costs: one fetch.
+            let zero = requests_for(&zero_digest) - zero_before;
+            let data = requests_for(&data_digest) - data_before;
+            assert_eq!(
+                zero, data,
+                "{case}: zero parts fetched {zero} times, data {data}"
+            );
+            if connections == "1" {
+                assert_eq!(zero, 1, "{case}");
+            }
+            zero_before += zero;
+            data_before += data;
+            // Nothing left behind where the repeat was kept.
+            let left: Vec<_> = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n.to_string_lossy().contains("cloudimg"))
+                .collect();
+            assert!(left.is_empty(), "{left:?}");
+        }
+    }
+}

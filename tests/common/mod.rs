@@ -221,7 +221,8 @@ pub fn expected_disk(image: &Image) -> Vec<u8> {
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cloudimg"));
     c.env_remove("CLOUDIMG_IO")
-        .env_remove("EPOCH_COCOON_BINARY");
+        .env_remove("EPOCH_COCOON_BINARY")
+        .env_remove("REGISTRY_AUTH_FILE");
     c
 }
 

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use ureq::http::StatusCode;
 
-use super::client::{BodyKind, Client, Response, backoff, pause, redact};
-use super::mirrors::{MirrorUse, SourceUrl, ask_in_turn, skipped};
+use super::client::{BodyKind, Client, Response, backoff, body_fault, pause, redact};
+use super::mirrors::{MirrorUse, SourceUrl, ask_in_turn, mirror_failed};
 use crate::error::{Error, Result, SizeSeen};
 use crate::signals;
 
@@ -85,7 +85,7 @@ impl BlobFetch {
                     url: s.url.clone(),
                     source: i,
                 }))
-                .filter(|c| !failed.contains(&c.source))
+                .filter(|c| !failed.contains(&c.source) && !self.is_dead(c.source))
                 .collect()
         };
         let mirror = |c: &Answered| self.sources[c.source].mirror.as_deref();
@@ -116,8 +116,18 @@ impl BlobFetch {
         self.sources.get(source).is_some_and(|s| s.mirror.is_some())
     }
 
-    /// A mirror answered wrongly: not asked again for this blob, and said
-    /// so once (not having the blob, a 404, is no fault and is not said).
+    /// A mirror struck off for the run (see [`mirror_failed`]).
+    fn is_dead(&self, source: usize) -> bool {
+        self.sources[source]
+            .mirror
+            .as_deref()
+            .is_some_and(|m| self.mirror_use.is_dead(m))
+    }
+
+    /// A mirror answered wrongly: not asked again for this blob — nor in
+    /// the run, when it could not be reached or stopped answering — and
+    /// said so once (not having the blob, a 404, is no fault and is not
+    /// said).
     fn strike(&self, source: usize, e: &Error) {
         let mut failed = self.failed.lock().expect("failed sources");
         if failed.contains(&source) {
@@ -126,7 +136,7 @@ impl BlobFetch {
         failed.push(source);
         drop(failed);
         if let Some(mirror) = &self.sources[source].mirror {
-            skipped(mirror, e);
+            mirror_failed(&self.mirror_use, mirror, e);
         }
     }
 
@@ -412,6 +422,7 @@ fn connection_lost(pos: u64, e: &io::Error, retries: u32) -> Error {
     Error::Network {
         what: format!("connection lost at byte {pos}"),
         cause: e.to_string(),
+        fault: body_fault(e),
         retries,
     }
 }

@@ -16,7 +16,7 @@ use ureq::http::{HeaderMap, StatusCode, Uri};
 
 use super::auth::{Challenge, CredentialStore, Secret, TokenResponse, parse_challenge};
 use super::tls;
-use crate::error::{Error, Result};
+use crate::error::{Error, NetFault, Result};
 use crate::signals;
 
 const MAX_REDIRECTS: usize = 10;
@@ -579,12 +579,25 @@ pub fn body_error_text(e: &std::io::Error) -> String {
 }
 
 fn transport_failure(url: &str, e: ureq::Error) -> Failure {
+    if url.starts_with("https://") && answered_in_plain_http(&e) {
+        // No retry can help: the scheme is wrong, not the network.
+        return Failure::Fatal(Error::Network {
+            what: format!("GET {}", redact(url)),
+            cause: "the server speaks plain http, not TLS (use an http:// URL, or \
+                    --plain-http for a registry reference)"
+                .to_owned(),
+            fault: NetFault::Unreachable,
+            retries: 0,
+        });
+    }
+    let fault = net_fault(&e);
     let error = Error::Network {
         what: format!("GET {}", redact(url)),
         cause: match e {
             ureq::Error::Timeout(t) => timeout_text(t),
             _ => e.to_string(),
         },
+        fault,
         retries: 0,
     };
     match e {
@@ -596,6 +609,64 @@ fn transport_failure(url: &str, e: ureq::Error) -> Failure {
             retry_after: None,
         },
         _ => Failure::Fatal(error),
+    }
+}
+
+/// Whether a TLS handshake failed because the server's first bytes were no
+/// TLS record at all — what a plain-http server's `400 Bad Request` to a
+/// ClientHello looks like.
+fn answered_in_plain_http(e: &ureq::Error) -> bool {
+    let ureq::Error::Io(io) = e else {
+        return false;
+    };
+    matches!(
+        io.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType
+        ))
+    )
+}
+
+/// Whether a failed request reached its server, and whether that answered.
+fn net_fault(e: &ureq::Error) -> NetFault {
+    use std::io::ErrorKind;
+    match e {
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => NetFault::Unreachable,
+        ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect) => {
+            NetFault::Unreachable
+        }
+        ureq::Error::Timeout(_) => NetFault::Stalled,
+        ureq::Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionRefused
+            | ErrorKind::HostUnreachable
+            | ErrorKind::NetworkUnreachable
+            | ErrorKind::NetworkDown
+            | ErrorKind::AddrNotAvailable => NetFault::Unreachable,
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => NetFault::Stalled,
+            _ => NetFault::Lost,
+        },
+        _ => NetFault::Lost,
+    }
+}
+
+/// Whether a response body's read error is a stall (nothing, or too
+/// little, within the stall timeout) or the connection's loss.
+pub fn body_fault(e: &std::io::Error) -> NetFault {
+    let inner = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>());
+    match inner {
+        Some(ureq::Error::Timeout(_)) => NetFault::Stalled,
+        Some(other) => net_fault(other),
+        None if matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ) =>
+        {
+            NetFault::Stalled
+        }
+        None => NetFault::Lost,
     }
 }
 

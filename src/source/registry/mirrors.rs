@@ -1,19 +1,23 @@
 //! Where a blob or a digest-pinned manifest is asked for: the mirrors in
 //! order, then the registry.
 //!
-//! A mirror's wrong answer — an error status, a refused or dropped
-//! connection, a size that is not the blob's, an HTML page — is that
-//! mirror's failure: it is reported on stderr in one line naming the mirror,
-//! the mirror is not asked again for this blob, and the next source is asked.
-//! All of that is known before the first byte of the answer is read. Wrong
-//! bytes of the right size only show in the digest, after they were written:
-//! that fails the run, and [`MirrorUse`] lets the error name the mirror.
+//! A mirror's wrong answer — an error status, a dropped connection, a size
+//! that is not the blob's, an HTML page — is that mirror's failure: it is
+//! reported on stderr in one line naming the mirror, the mirror is not asked
+//! again for this blob, and the next source is asked. A mirror that cannot
+//! be reached (refused, unreachable, no handshake) or stops answering (a
+//! stall) is dead: one line says so, and it is not asked again in the run,
+//! for any blob or manifest — so a hung mirror costs one stall timeout, not
+//! one per part. All of that is known before the first byte of the answer
+//! is read. Wrong bytes of the right size only show in the digest, after
+//! they were written: that fails the run, and [`MirrorUse`] lets the error
+//! name the mirror.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
 use super::client::redact;
-use crate::error::{Error, Result};
+use crate::error::{Error, NetFault, Result};
 
 /// One place a blob or manifest can be asked for.
 pub struct SourceUrl {
@@ -53,27 +57,67 @@ pub fn ask_in_turn<C, T>(
     Err(last.expect("the registry is always a candidate"))
 }
 
-/// Say that `mirror` failed and the next source is asked — unless it just
-/// did not have the blob (a 404 is no fault).
-pub fn skipped(mirror: &str, e: &Error) {
-    if !matches!(e.root(), Error::NotFound(_)) {
-        note(&format!(
-            "mirror {}: {e}; trying the next source",
-            redact(mirror.trim_end_matches('/'))
-        ));
+/// `mirror` failed with `e`: a mirror that could not be reached or stopped
+/// answering is struck off for the run (`used` remembers it), said once;
+/// any other failure is said for this blob — unless the mirror just did
+/// not have it (a 404 is no fault) or was already struck off.
+pub fn mirror_failed(used: &MirrorUse, mirror: &str, e: &Error) {
+    let shown = redact(mirror.trim_end_matches('/'));
+    if is_dead(e) {
+        if used.strike_off(mirror) {
+            note(&format!("mirror {shown}: {e}; not asked again in this run"));
+        }
+        return;
+    }
+    if !matches!(e.root(), Error::NotFound(_)) && !used.is_dead(mirror) {
+        note(&format!("mirror {shown}: {e}; trying the next source"));
     }
 }
 
-/// Which blobs came (wholly or in part) from which mirror, for the run: so
-/// that a digest mismatch found after the bytes were written can name the
-/// mirror they came from.
+/// Whether `e` says its source cannot be reached or stopped answering.
+fn is_dead(e: &Error) -> bool {
+    matches!(
+        e.root(),
+        Error::Network {
+            fault: NetFault::Unreachable | NetFault::Stalled,
+            ..
+        }
+    )
+}
+
+/// The run's record of its mirrors: which blobs came (wholly or in part)
+/// from which mirror — so that a digest mismatch found after the bytes were
+/// written can name the mirror they came from — and which mirrors are dead.
 #[derive(Default)]
 pub struct MirrorUse {
     /// (digest, mirror base URL)
     served: Mutex<Vec<(String, String)>>,
+    /// Mirrors (base URLs) that could not be reached or stopped answering.
+    dead: Mutex<Vec<String>>,
 }
 
 impl MirrorUse {
+    /// Whether `mirror` was struck off for the run.
+    pub fn is_dead(&self, mirror: &str) -> bool {
+        let mirror = mirror.trim_end_matches('/');
+        self.dead
+            .lock()
+            .expect("dead mirrors")
+            .iter()
+            .any(|m| m == mirror)
+    }
+
+    /// Strike `mirror` off for the run; false when it already was.
+    fn strike_off(&self, mirror: &str) -> bool {
+        let mirror = mirror.trim_end_matches('/');
+        let mut dead = self.dead.lock().expect("dead mirrors");
+        if dead.iter().any(|m| m == mirror) {
+            return false;
+        }
+        dead.push(mirror.to_owned());
+        true
+    }
+
     /// `mirror` served (some of) the blob `digest`.
     pub fn record(&self, digest: &str, mirror: &str) {
         let mirror = mirror.trim_end_matches('/');
@@ -139,6 +183,30 @@ mod tests {
         assert_eq!(e.to_string(), "x (sha256:cc): digest mismatch");
         let e = used.explain(Error::Other("x (sha256:aa): gone".into()));
         assert_eq!(e.to_string(), "x (sha256:aa): gone");
+    }
+
+    #[test]
+    fn dead_mirrors_are_struck_off_for_the_run_once() {
+        let network = |fault| Error::Network {
+            what: "GET http://m/v2/x".into(),
+            cause: "x".into(),
+            fault,
+            retries: 0,
+        };
+        let used = MirrorUse::default();
+        mirror_failed(&used, "http://m1/", &network(NetFault::Lost));
+        mirror_failed(&used, "http://m1/", &Error::NotFound("404".into()));
+        assert!(!used.is_dead("http://m1"), "a drop or a 404 is this blob's");
+        mirror_failed(
+            &used,
+            "http://m1/",
+            &network(NetFault::Stalled).context("part"),
+        );
+        assert!(used.is_dead("http://m1") && used.is_dead("http://m1/"));
+        assert!(!used.strike_off("http://m1"), "struck off once");
+        mirror_failed(&used, "http://m2", &network(NetFault::Unreachable));
+        assert!(used.is_dead("http://m2/"));
+        assert!(!used.is_dead("http://m3"));
     }
 
     #[test]

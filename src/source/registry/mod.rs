@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use self::auth::{CredentialStore, Credentials, Secret};
 use self::blob::{BlobFetch, Parallel, Resumable};
-use self::client::{BodyKind, Client, ClientOptions, Origin, body_error_text, is_loopback, redact};
-use self::mirrors::{MirrorUse, SourceUrl, ask_in_turn, skipped};
+use self::client::{
+    BodyKind, Client, ClientOptions, Origin, body_error_text, body_fault, is_loopback, redact,
+};
+use self::mirrors::{MirrorUse, SourceUrl, ask_in_turn, mirror_failed};
 use super::{Blob, BlobSource, Resolved, check_manifest_digest};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result};
@@ -47,6 +49,10 @@ pub struct RegistryOptions {
     /// The directory of the docker `config.json` consulted for credentials
     /// (`$DOCKER_CONFIG`, else `~/.docker`).
     pub docker_config: Option<PathBuf>,
+    /// The containers auth files consulted after the docker config, in
+    /// order (`$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`,
+    /// `~/.config/containers/auth.json`).
+    pub auth_files: Vec<PathBuf>,
     /// Plain http even for non-loopback hosts.
     pub plain_http: bool,
     /// `--username` and the password read from stdin.
@@ -75,6 +81,7 @@ impl Default for RegistryOptions {
             epoch_token: None,
             ca_cert: None,
             docker_config: None,
+            auth_files: Vec::new(),
             plain_http: false,
             credentials: None,
             mirrors: Vec::new(),
@@ -143,8 +150,10 @@ impl Registry {
         let namespace = registry_origin.authority();
         let credentials = CredentialStore {
             origin: Some(registry_origin),
+            repository: Some(name.repository.clone()),
             explicit: opts.credentials.clone(),
             docker_config_dir: opts.docker_config.clone(),
+            auth_files: opts.auth_files.clone(),
         };
         let client = Client::new(ClientOptions {
             retries: opts.retries,
@@ -209,6 +218,12 @@ impl Registry {
             // A tag is the registry's to say; only a digest can be checked.
             sources.drain(..sources.len() - 1);
         }
+        // Mirrors found dead earlier in the run are not asked again.
+        sources.retain(|s| {
+            s.mirror
+                .as_ref()
+                .is_none_or(|m| !self.mirror_use.is_dead(m))
+        });
         let headers = [("Accept", ACCEPT.to_owned())];
         ask_in_turn(
             &sources,
@@ -216,7 +231,7 @@ impl Registry {
             |source, tries| self.manifest_from(&source.url, &headers, pinned, tries),
             |source, e| {
                 if let Some(m) = &source.mirror {
-                    skipped(m, e);
+                    mirror_failed(&self.mirror_use, m, e);
                 }
             },
         )
@@ -258,6 +273,7 @@ impl Registry {
         let bytes = read_capped(resp.body.into_reader(), &what, |e| Error::Network {
             what: format!("reading {what}"),
             cause: body_error_text(&e),
+            fault: body_fault(&e),
             retries: 0,
         })?;
         if let Some(want) = pinned {
