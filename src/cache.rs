@@ -116,6 +116,19 @@ impl Cached {
         let Some(resolved) = resolved else {
             return Ok(());
         };
+        // A disk blob that could not be written (a full disk): the image is
+        // not listed, and the rest is not fetched for nothing.
+        let missing = disk_plan(&resolved.manifest)?
+            .layers
+            .iter()
+            .filter(|l| !self.store.blob_path(&l.digest).is_file())
+            .count();
+        if missing > 0 {
+            return Err(Error::Other(format!(
+                "{missing} disk blob(s) could not be written into {}",
+                self.store.dir().display()
+            )));
+        }
         // Disk blobs are in now; the rest (a config, a checksum layer) is
         // small. Present blobs were just verified by the stream.
         let mut quiet = Progress::new(0, true);

@@ -54,7 +54,9 @@ signal that would end the process).",
 {command_name} get oci-archive:./win11.tar:25h2 | ssh host 'cat > win11.qcow2'\n\
 {command_name} pull oci:./win11:25h2 --name win11\n\
 {command_name} pull windows/win11:25h2\n\
-{command_name} get docker://ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2"
+{command_name} get docker://ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2\n\
+{command_name} copy ghcr.io/org/ubuntu:24.04 oci:./images:ubuntu --platform linux/arm64\n\
+{command_name} get --cache ./cache ghcr.io/org/ubuntu:24.04 --platform linux/arm64 -o ubuntu.qcow2"
 )]
 struct Cli {
     #[argh(subcommand)]
@@ -254,7 +256,7 @@ DIR/.cloudimg/partial, checked for its size and digest, synced and renamed into 
 already there is hashed and kept; an interrupted copy is continued from where it stopped (the \
 bytes already written are hashed again). index.json is replaced atomically under a lock \
 (DIR/.cloudimg/lock), so concurrent copies into one layout keep every tag.",
-        example = "{command_name} registry.example/windows/win11:25h2 oci:/srv/images/win11\n\
+        example = "{command_name} ghcr.io/org/ubuntu:24.04 oci:/srv/images/ubuntu\n\
 {command_name} oci:./win11:25h2 oci:/mnt/usb/images:win11-25h2"
     )]
     struct CopyArgs {
@@ -682,11 +684,20 @@ impl Source {
             return Ok(Source::Plain(inner));
         };
         let store = crate::store::Store::open(dir).map_err(|e| e.context("--cache"))?;
-        let host = name
-            .host
-            .as_ref()
-            .map(|h| format!("{h}/"))
-            .unwrap_or_default();
+        // Listed under its full name: an epoch-style name under the
+        // authority of the server it is relative to.
+        let host = match &name.host {
+            Some(h) => format!("{h}/"),
+            None => {
+                let server = opts
+                    .registry
+                    .epoch_server
+                    .as_deref()
+                    .unwrap_or(crate::source::registry::DEFAULT_SERVER);
+                let authority = server.split_once("://").map_or(server, |(_, rest)| rest);
+                format!("{}/", authority.split('/').next().unwrap_or(authority))
+            }
+        };
         let tag = match (&name.tag, &name.digest) {
             (Some(t), _) => Some(format!("{host}{}:{t}", name.repository)),
             (None, Some(_)) => None,

@@ -56,14 +56,11 @@ fn shown(p: &Path) -> String {
 
 impl Store {
     /// Open the layout at `dir` for writing, starting one when `dir` is
-    /// missing or an empty directory. A directory that holds other things
+    /// missing (with its parents) or an empty directory. A directory that holds other things
     /// and no `oci-layout` is refused: nothing is written into it.
     pub fn open(dir: &Path) -> Result<Store> {
-        match std::fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("creating {}", shown(dir)), e)),
-        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", shown(dir)), e))?;
         let meta = std::fs::metadata(dir).map_err(|e| Error::io(shown(dir), e))?;
         if !meta.is_dir() {
             return Err(Error::Other(format!(

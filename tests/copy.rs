@@ -598,3 +598,81 @@ fn pull_with_a_cache_imports_from_it_the_second_time() {
         assert_eq!(s.blob_requests(), s.blobs.len(), "round {round}");
     }
 }
+
+/// A small tmpfs, unmounted when dropped; `None` where mounting is not
+/// allowed (the test then says so and checks nothing).
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Mount(at.to_owned()))
+    }
+
+    fn read_only(&self) {
+        let s = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(s.success());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_or_read_only_layout_fails_in_one_line_and_keeps_what_it_had() {
+    let tmp = TempDir::new().unwrap();
+    let src = LayoutDir::new(&tmp.path().join("src"));
+    let small = Image::split(&data(100_000, 11), 50_000);
+    let big = Image::split(&data(3_000_000, 12), 1_000_000);
+    src.put_image(Some("small"), &small);
+    src.put_image(Some("big"), &big);
+    let at = tmp.path().join("mnt");
+    let Some(mount) = Mount::tmpfs(&at, "1m") else {
+        eprintln!("mounting a tmpfs is not allowed here: not checked");
+        return;
+    };
+    let dest = |tag: &str| format!("oci:{}:{tag}", at.display());
+    ok(&go(&["copy", "-q", &src.source("small"), &dest("small")]));
+    let index_before = std::fs::read(at.join("index.json")).unwrap();
+    let blobs_before = names(&at.join("blobs/sha256"));
+    let line = failure(&go(&["copy", "-q", &src.source("big"), &dest("big")]));
+    assert!(line.contains("No space left"), "{line}");
+    assert_eq!(std::fs::read(at.join("index.json")).unwrap(), index_before);
+    assert_eq!(names(&at.join("blobs/sha256")), blobs_before);
+    // A cache on a full disk loses the cache, not the run.
+    let s = Scripted::new(big.clone());
+    let t = Arc::clone(&s);
+    let server = Server::start(move |req, _| t.serve(req, |_, b| Reply::blob(b)));
+    let out = go(&[
+        "get",
+        "-q",
+        "--cache",
+        at.to_str().unwrap(),
+        &format!("{}/img:v1", server.host()),
+    ]);
+    assert!(ok(&out) == expected_disk(&big));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("cloudimg: cache:"), "{said}");
+    assert_eq!(std::fs::read(at.join("index.json")).unwrap(), index_before);
+    // Read-only: one line, nothing changed.
+    for p in std::fs::read_dir(at.join(".cloudimg/partial")).unwrap() {
+        std::fs::remove_file(p.unwrap().path()).unwrap();
+    }
+    mount.read_only();
+    let line = failure(&go(&["copy", "-q", &src.source("big"), &dest("big")]));
+    assert!(line.contains("Read-only file system"), "{line}");
+    assert_eq!(std::fs::read(at.join("index.json")).unwrap(), index_before);
+    assert_eq!(names(&at.join("blobs/sha256")), blobs_before);
+}

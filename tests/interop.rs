@@ -704,6 +704,22 @@ fn every_help_and_readme_example_runs() {
     for name in ["win11", "win11-test"] {
         assert!(std::fs::read(store.join(name)).unwrap() == disk, "{name}");
     }
+    // The copies and the cache are layouts that give the same disks back.
+    for (source, want) in [
+        ("oci:./images:ubuntu", &disk),
+        ("oci:./usb/images:win11-25h2", &disk),
+        (
+            &format!("oci:./cache:{}/windows/win11:25h2", reg.host()),
+            &disk,
+        ),
+    ] {
+        let out = bin()
+            .args(["get", "-q", source])
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert!(ok(&out) == want.as_slice(), "{source}");
+    }
 }
 
 // ---- 9. hints where users stumble ----
