@@ -56,8 +56,9 @@ fn shown(p: &Path) -> String {
 
 impl Store {
     /// Open the layout at `dir` for writing, starting one when `dir` is
-    /// missing (with its parents) or an empty directory. A directory that holds other things
-    /// and no `oci-layout` is refused: nothing is written into it.
+    /// missing (with its parents) or an empty directory. A directory that
+    /// holds other things and no `oci-layout` is refused: nothing is written
+    /// into it.
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", shown(dir)), e))?;
@@ -122,12 +123,7 @@ impl Store {
 
     fn make_own_dirs(&self) -> Result<()> {
         for d in [OWN_DIR, ".cloudimg/partial", "blobs"] {
-            let p = self.dir.join(d);
-            match std::fs::create_dir(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists && p.is_dir() => {}
-                Err(e) => return Err(Error::io(format!("creating {}", shown(&p)), e)),
-            }
+            real_dir(&self.dir.join(d))?;
         }
         Ok(())
     }
@@ -390,6 +386,25 @@ impl Store {
     }
 }
 
+/// Make the directory `p` unless it is there — as a directory, not a
+/// symlink: nothing of a layout is written outside it through a link that
+/// someone planted in it.
+fn real_dir(p: &Path) -> Result<()> {
+    match std::fs::create_dir(p) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("creating {}", shown(p)), e)),
+    }
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_dir() => Ok(()),
+        Ok(_) => Err(Error::Other(format!(
+            "{} is not a directory (a symlink, or a file): refusing to write through it",
+            shown(p)
+        ))),
+        Err(e) => Err(Error::io(shown(p), e)),
+    }
+}
+
 /// `flock(LOCK_EX)`, waiting or not; `Ok(false)`: held by another (not
 /// waiting). A wait ends with the signal that interrupts it.
 fn flock(file: &File, wait: bool) -> io::Result<bool> {
@@ -524,11 +539,7 @@ impl Partial {
         let io =
             |what: &str, e: io::Error| Error::io(format!("{what} {}", shown(&self.final_path)), e);
         self.file.sync_all().map_err(|e| io("syncing", e))?;
-        match std::fs::create_dir(&self.final_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io("creating the directory of", e)),
-        }
+        real_dir(&self.final_dir)?;
         std::fs::rename(&self.path, &self.final_path).map_err(|e| io("renaming into", e))?;
         sync_dir(&self.final_dir).map_err(|e| io("syncing the directory of", e))?;
         Ok(())
@@ -573,6 +584,32 @@ mod tests {
         assert!(e.contains("not an OCI image layout"), "{e}");
         let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_written_through() {
+        let tmp = tempfile::TempDir::new().unwrap();
+        let dir = tmp.path().join("l");
+        Store::open(&dir).unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        for own in [".cloudimg/partial", "blobs"] {
+            let p = dir.join(own);
+            std::fs::rename(&p, tmp.path().join("moved")).unwrap();
+            std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
+            let e = Store::open(&dir).err().unwrap().to_string();
+            assert!(e.contains("not a directory"), "{e}");
+            std::fs::remove_file(&p).unwrap();
+            std::fs::rename(tmp.path().join("moved"), &p).unwrap();
+        }
+        // blobs/sha256, made when the first blob lands.
+        let store = Store::open(&dir).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join("blobs/sha256")).unwrap();
+        let d = digest(b"x");
+        let mut part = store.begin(&d, 1, true, true).unwrap().unwrap();
+        part.write(b"x").unwrap();
+        assert!(part.commit().is_err());
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     }
 
     fn desc(bytes: &[u8]) -> Descriptor {
