@@ -49,8 +49,8 @@ pub struct Cached {
 #[derive(Default)]
 struct State {
     resolved: Option<Resolved>,
-    /// Blobs handed out from the layout.
-    from_cache: Vec<Digest>,
+    /// Blobs handed out from the layout, with their sizes.
+    from_cache: Vec<(Digest, u64)>,
     /// Blobs being written while they stream.
     writing: Vec<(DiskLayer, Slot)>,
     /// A cached blob failed its digest and was removed.
@@ -109,7 +109,11 @@ impl Cached {
                 continue;
             }
             if !self.verified {
-                crate::verify::check(&layer.label(), &layer.digest, &part.hash()?)?;
+                let hashed = part.hash()?;
+                if let Err(e) = crate::verify::check(&layer.label(), &layer.digest, &hashed) {
+                    part.discard();
+                    return Err(e);
+                }
             }
             part.commit()?;
         }
@@ -186,7 +190,9 @@ impl BlobSource for Cached {
 
     fn open_blob(&self, layer: &DiskLayer) -> Result<Blob> {
         if let Some(file) = self.store.present(&layer.digest, layer.size)? {
-            self.state().from_cache.push(layer.digest.clone());
+            self.state()
+                .from_cache
+                .push((layer.digest.clone(), layer.size));
             return Ok(Blob::File {
                 file,
                 offset: 0,
@@ -224,30 +230,39 @@ impl BlobSource for Cached {
     }
 
     fn explain(&self, e: Error) -> Error {
-        let mut st = self.state();
-        let text = e.to_string();
-        let hit = matches!(e.root(), Error::Integrity(_))
-            .then(|| {
-                st.from_cache
-                    .iter()
-                    .find(|d| text.contains(&d.to_string()))
-                    .cloned()
-            })
-            .flatten();
-        if let Some(d) = hit {
-            match self.store.remove(&d) {
-                Ok(()) => {
-                    st.damaged = true;
-                    return e.context(format!(
-                        "the cached copy in {} (removed from the cache)",
-                        self.store.dir().display()
-                    ));
-                }
+        // Whatever failed, nothing of this attempt is kept: its partial
+        // files are let go (a new attempt writes them afresh).
+        let (cached, writing) = {
+            let mut st = self.state();
+            (
+                std::mem::take(&mut st.from_cache),
+                std::mem::take(&mut st.writing),
+            )
+        };
+        for (_, slot) in writing {
+            drop(slot.lock().expect("cache slot").take());
+        }
+        if !matches!(e.root(), Error::Integrity(_)) {
+            return self.inner.explain(e);
+        }
+        // Which cached blob failed is found by hashing them again, never by
+        // reading the message: the names in it come from the manifest.
+        let mut damaged = 0;
+        for (d, size) in cached {
+            match self.store.check_present(&d, size) {
+                Ok(true) => {}
+                Ok(false) => damaged += 1,
                 Err(r) => warn(&r),
             }
         }
-        drop(st);
-        self.inner.explain(e)
+        if damaged == 0 {
+            return self.inner.explain(e);
+        }
+        self.state().damaged = true;
+        e.context(format!(
+            "a blob cached in {} was damaged (removed from the cache)",
+            self.store.dir().display()
+        ))
     }
 }
 

@@ -694,8 +694,12 @@ impl Source {
                     .epoch_server
                     .as_deref()
                     .unwrap_or(crate::source::registry::DEFAULT_SERVER);
-                let authority = server.split_once("://").map_or(server, |(_, rest)| rest);
-                format!("{}/", authority.split('/').next().unwrap_or(authority))
+                let rest = server.split_once("://").map_or(server, |(_, rest)| rest);
+                let authority = rest.split('/').next().unwrap_or(rest);
+                // Never a user name or password written into the server's
+                // URL: the layout's names are for anyone to read.
+                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                format!("{host}/")
             }
         };
         let tag = match (&name.tag, &name.digest) {
@@ -887,6 +891,12 @@ fn get(a: GetArgs, env: &Environment) -> Result<()> {
         match result {
             Ok(()) => {
                 progress.finish(summary(opts.verify));
+                if a.output.is_none() && matches!(src, Source::Cached(_)) {
+                    // The reader sees its end now, not after the cache has
+                    // fetched what the disk did not need.
+                    let _ = std::fs::File::open("/dev/null")
+                        .and_then(|null| Ok(rustix::stdio::dup2_stdout(&null)?));
+                }
                 src.commit();
                 return Ok(());
             }

@@ -136,9 +136,18 @@ fn fetch_blob(
     progress: &mut Progress,
 ) -> Result<(u64, u64)> {
     let label = blob.label();
-    let part = store
-        .begin(&blob.digest, blob.size, true, true)?
-        .expect("begin waits for the lock");
+    let part = match store.begin(&blob.digest, blob.size, true, false)? {
+        Some(p) => p,
+        None => {
+            progress.note(&format!(
+                "waiting for another cloudimg writing {label} into {}",
+                store.dir().display()
+            ));
+            store
+                .begin(&blob.digest, blob.size, true, true)?
+                .expect("begin waits for the lock")
+        }
+    };
     // Another copy into this layout may have finished it while we waited.
     if store.present(&blob.digest, blob.size)?.is_some() {
         part.discard();

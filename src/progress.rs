@@ -93,6 +93,15 @@ impl Progress {
         );
     }
 
+    /// A line about the work (a wait, say), unless quiet.
+    pub(crate) fn note(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
+        let clear = if self.live { "\r\x1b[K" } else { "" };
+        let _ = writeln!(std::io::stderr(), "{clear}cloudimg: {line}");
+    }
+
     /// Clear the live line before an error is printed.
     pub fn abandon(&self) {
         if self.live && self.last_draw.is_some() {

@@ -122,7 +122,7 @@ impl Store {
     }
 
     fn make_own_dirs(&self) -> Result<()> {
-        for d in [OWN_DIR, ".cloudimg/partial", "blobs"] {
+        for d in [OWN_DIR, ".cloudimg/partial", "blobs", "blobs/sha256"] {
             real_dir(&self.dir.join(d))?;
         }
         Ok(())
@@ -182,7 +182,7 @@ impl Store {
         let Some(file) = self.present(d, size)? else {
             return Ok(false);
         };
-        let actual = hash_file(&file, size, &shown(&self.blob_path(d)))?;
+        let actual = hash_prefix(&file, size, d.algorithm(), &shown(&self.blob_path(d)))?;
         if actual != *d {
             drop(file);
             self.remove(d)?;
@@ -241,9 +241,18 @@ impl Store {
             // (or removed it) while we waited: the lock is ours only if the
             // name still leads to the file we locked.
             let now = std::fs::symlink_metadata(&path);
-            if now.is_ok_and(|n| n.dev() == meta.dev() && n.ino() == meta.ino()) {
-                break file;
+            if !now.is_ok_and(|n| n.dev() == meta.dev() && n.ino() == meta.ino()) {
+                continue;
             }
+            // A file someone else owns, or that has another name (a hard
+            // link planted to a file of theirs), is never written into: its
+            // name is removed and a file of our own made.
+            let meta = file.metadata().map_err(|e| io("reading", e))?;
+            if meta.nlink() != 1 || meta.uid() != rustix::process::geteuid().as_raw() {
+                std::fs::remove_file(&path).map_err(|e| io("removing", e))?;
+                continue;
+            }
+            break file;
         };
         // Locked: the length is now ours to read and change.
         let mut written = file.metadata().map_err(|e| io("reading", e))?.len();
@@ -323,8 +332,18 @@ impl Store {
     pub fn tag(&self, tag: Option<&str>, desc: &Descriptor) -> Result<()> {
         let _lock = self.lock()?;
         let path = self.dir.join("index.json");
-        let mut index: serde_json::Value = match std::fs::File::open(&path) {
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlags::NONBLOCK | OFlags::NOFOLLOW).bits() as i32)
+            .open(&path);
+        let mut index: serde_json::Value = match opened {
             Ok(f) => {
+                if !f.metadata().is_ok_and(|m| m.file_type().is_file()) {
+                    return Err(Error::Manifest(format!(
+                        "{} is not a regular file",
+                        shown(&path)
+                    )));
+                }
                 let mut bytes = Vec::new();
                 f.take(MAX_MANIFEST_BYTES + 1)
                     .read_to_end(&mut bytes)
@@ -427,11 +446,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Hash `len` bytes of `file` from its start.
-pub fn hash_file(file: &File, len: u64, what: &str) -> Result<Digest> {
-    hash_prefix(file, len, crate::digest::Algorithm::Sha256, what)
-}
-
+/// Hash `len` bytes of `file` from its start with `alg`.
 fn hash_prefix(file: &File, len: u64, alg: crate::digest::Algorithm, what: &str) -> Result<Digest> {
     let mut hasher = Hasher::new(alg);
     let mut range = FileRange::new(file, Range { offset: 0, len });
@@ -540,7 +555,27 @@ impl Partial {
             |what: &str, e: io::Error| Error::io(format!("{what} {}", shown(&self.final_path)), e);
         self.file.sync_all().map_err(|e| io("syncing", e))?;
         real_dir(&self.final_dir)?;
+        // The name must still lead to the file that was written and
+        // checked: one removed and made again by another writer is not it.
+        let ours = self.file.metadata().map_err(|e| io("reading", e))?;
+        let same = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.dev() == ours.dev() && m.ino() == ours.ino())
+        };
+        let moved = || {
+            Error::Other(format!(
+                "{} was removed or replaced while it was written",
+                shown(&self.path)
+            ))
+        };
+        if !same(&self.path) {
+            return Err(moved());
+        }
         std::fs::rename(&self.path, &self.final_path).map_err(|e| io("renaming into", e))?;
+        if !same(&self.final_path) {
+            let _ = std::fs::remove_file(&self.final_path);
+            return Err(moved());
+        }
         sync_dir(&self.final_dir).map_err(|e| io("syncing the directory of", e))?;
         Ok(())
     }
@@ -593,7 +628,7 @@ mod tests {
         Store::open(&dir).unwrap();
         let elsewhere = tmp.path().join("elsewhere");
         std::fs::create_dir(&elsewhere).unwrap();
-        for own in [".cloudimg/partial", "blobs"] {
+        for own in [".cloudimg/partial", "blobs/sha256", "blobs"] {
             let p = dir.join(own);
             std::fs::rename(&p, tmp.path().join("moved")).unwrap();
             std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
@@ -602,14 +637,69 @@ mod tests {
             std::fs::remove_file(&p).unwrap();
             std::fs::rename(tmp.path().join("moved"), &p).unwrap();
         }
-        // blobs/sha256, made when the first blob lands.
+        // blobs/sha256 replaced by a link after the store was opened.
         let store = Store::open(&dir).unwrap();
+        std::fs::remove_dir(dir.join("blobs/sha256")).unwrap();
         std::os::unix::fs::symlink(&elsewhere, dir.join("blobs/sha256")).unwrap();
         let d = digest(b"x");
         let mut part = store.begin(&d, 1, true, true).unwrap().unwrap();
         part.write(b"x").unwrap();
         assert!(part.commit().is_err());
         assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_partial_file_removed_while_written_is_not_committed() {
+        let tmp = tempfile::TempDir::new().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let d = digest(b"abc");
+        let mut first = store.begin(&d, 3, true, true).unwrap().unwrap();
+        first.write(b"abc").unwrap();
+        // Someone removes the name; another writer makes it again.
+        std::fs::remove_file(&first.path).unwrap();
+        let mut second = store.begin(&d, 3, true, true).unwrap().unwrap();
+        second.write(b"ab").unwrap();
+        let e = first.commit().err().unwrap().to_string();
+        assert!(e.contains("removed or replaced"), "{e}");
+        assert!(!store.blob_path(&d).exists());
+        second.write(b"c").unwrap();
+        second.commit().unwrap();
+        assert!(store.check_present(&d, 3).unwrap());
+    }
+
+    #[test]
+    fn a_hard_link_planted_as_a_partial_file_is_not_written_into() {
+        let tmp = tempfile::TempDir::new().unwrap();
+        let store = Store::open(&tmp.path().join("l")).unwrap();
+        let d = digest(b"blob bytes");
+        let precious = tmp.path().join("precious");
+        std::fs::write(&precious, b"mine").unwrap();
+        std::fs::hard_link(&precious, store.partial_path(&d)).unwrap();
+        let mut part = store.begin(&d, 10, true, true).unwrap().unwrap();
+        assert_eq!(part.written(), 0);
+        part.write(b"blob bytes").unwrap();
+        part.commit().unwrap();
+        assert_eq!(std::fs::read(&precious).unwrap(), b"mine");
+        assert_eq!(std::fs::metadata(&precious).unwrap().nlink(), 1);
+    }
+
+    #[test]
+    fn a_fifo_for_an_index_is_refused_without_waiting() {
+        let tmp = tempfile::TempDir::new().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let index = tmp.path().join("index.json");
+        std::fs::remove_file(&index).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&index)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = store
+            .tag(Some("v1"), &desc(b"x"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     fn desc(bytes: &[u8]) -> Descriptor {

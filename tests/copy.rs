@@ -676,3 +676,137 @@ fn a_full_or_read_only_layout_fails_in_one_line_and_keeps_what_it_had() {
     assert_eq!(std::fs::read(at.join("index.json")).unwrap(), index_before);
     assert_eq!(names(&at.join("blobs/sha256")), blobs_before);
 }
+
+#[test]
+fn a_user_and_password_in_the_servers_url_never_reach_the_cache() {
+    let s = Scripted::new(Image::split(&data(300_000, 13), 100_000));
+    let t = Arc::clone(&s);
+    let server = Server::start(move |req, _| t.serve(req, |_, b| Reply::blob(b)));
+    let tmp = TempDir::new().unwrap();
+    let cache = tmp.path().join("cache");
+    let out = cmd(&["get", "-q", "--cache", cache.to_str().unwrap(), "img:v1"])
+        .env(
+            "EPOCH_SERVER",
+            format!("http://alice:s3cret@{}", server.host()),
+        )
+        .output()
+        .unwrap();
+    assert!(ok(&out) == expected_disk(&s.image));
+    let index = std::fs::read_to_string(cache.join("index.json")).unwrap();
+    assert!(
+        !index.contains("s3cret") && !index.contains("alice"),
+        "{index}"
+    );
+    assert_eq!(tags(&cache), [format!("{}/img:v1", server.host())]);
+}
+
+#[test]
+fn a_bad_registry_blob_named_after_a_cached_one_neither_evicts_it_nor_is_kept() {
+    // Part "b" carries the digest of cached part "a" in its title, and the
+    // registry corrupts "b" the first time it is asked for it.
+    let a = data(200_000, 14);
+    let b = data(200_000, 15);
+    let a_digest = sha256(&a);
+    let mut image = Image::split(&a, 200_000);
+    image.layers = vec![
+        Layer::new(QCOW2_PART, "a", a.clone()),
+        Layer::new(QCOW2_PART, &format!("b {a_digest}"), b.clone()),
+    ];
+    let s = Scripted::new(image);
+    let b_digest = sha256(&b);
+    let (t, wrong) = (Arc::clone(&s), b_digest.clone());
+    let server = Server::start(move |req, n| {
+        t.serve(req, |d, blob| {
+            if d == wrong && n == 0 {
+                let mut evil = blob.as_ref().clone();
+                evil[0] ^= 1;
+                Reply::blob(Arc::new(evil))
+            } else {
+                Reply::blob(blob)
+            }
+        })
+    });
+    // "a" is in the cache already (copied there from a layout).
+    let tmp = TempDir::new().unwrap();
+    let only_a = LayoutDir::new(&tmp.path().join("a"));
+    let mut a_image = Image::split(&a, 200_000);
+    a_image.layers = vec![Layer::new(QCOW2_PART, "a", a.clone())];
+    only_a.put_image(Some("v1"), &a_image);
+    let cache = tmp.path().join("cache");
+    ok(&go(&[
+        "copy",
+        "-q",
+        &only_a.source("v1"),
+        &format!("oci:{}:a", cache.display()),
+    ]));
+    let out_file = tmp.path().join("disk");
+    let line = failure(&cached_get(
+        &server,
+        &cache,
+        &["-o", out_file.to_str().unwrap()],
+    ));
+    assert!(
+        line.contains("digest mismatch") && !line.contains("removed"),
+        "{line}"
+    );
+    let blobs = cache.join("blobs/sha256");
+    assert!(
+        blobs.join(&a_digest[7..]).exists(),
+        "the cached blob was evicted"
+    );
+    assert!(
+        !blobs.join(&b_digest[7..]).exists(),
+        "the bad bytes were kept"
+    );
+    // The registry answers right the next time: whole, and now cached.
+    ok(&cached_get(
+        &server,
+        &cache,
+        &["-o", out_file.to_str().unwrap()],
+    ));
+    assert_eq!(
+        sha256(&std::fs::read(blobs.join(&b_digest[7..])).unwrap()),
+        b_digest
+    );
+    assert_eq!(s.asked_for(&a_digest), 0);
+}
+
+#[test]
+fn a_pipe_reader_sees_its_end_before_the_cache_fetches_the_rest() {
+    // The config never comes (until the test ends): the disk is whole, and
+    // its reader must not wait for the cache to complete the image.
+    let s = Scripted::new(Image::split(&data(300_000, 16), 100_000));
+    let release = Arc::new(AtomicBool::new(false));
+    let (t, r) = (Arc::clone(&s), Arc::clone(&release));
+    let config = sha256(b"{}");
+    let server = Server::start(move |req, _| {
+        t.serve(req, |d, b| {
+            if d == config && !r.load(Ordering::SeqCst) {
+                Reply::blob(b).stall_after(0, Duration::from_secs(20))
+            } else {
+                Reply::blob(b)
+            }
+        })
+    });
+    let tmp = TempDir::new().unwrap();
+    let cache = tmp.path().join("cache");
+    let src = format!("{}/img:v1", server.host());
+    let mut child = cmd(&["get", "-q", "--cache", cache.to_str().unwrap(), &src])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut all);
+        let _ = tx.send(all);
+    });
+    // Ordering, not speed: the end arrives while the config is withheld.
+    let got = rx.recv_timeout(Duration::from_secs(15));
+    release.store(true, Ordering::SeqCst);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(got.expect("no end of file while the cache waited") == expected_disk(&s.image));
+}
