@@ -467,7 +467,7 @@ fn check_usage(command: &Command) -> Result<()> {
             .and_then(|_| parse_format(&a.format, true))
             .and_then(|_| check_source_flags(&a.source_flags())),
         Command::Inspect(a) => check_source_flags(&a.source_flags()),
-        Command::Copy(a) => copy_dest(&a.dest, &a.source)
+        Command::Copy(a) => copy_dest(&a.dest)
             .map(|_| ())
             .and_then(|()| check_source_flags(&a.source_flags())),
         Command::Pull(a) => {
@@ -752,7 +752,7 @@ fn starting_over(e: &Error) {
 }
 
 /// `copy`'s DEST: the layout directory and the tag (`None`: SOURCE's).
-fn copy_dest(dest: &str, src: &str) -> Result<(PathBuf, Option<String>)> {
+fn copy_dest(dest: &str) -> Result<(PathBuf, Option<String>)> {
     let usage = |m: String| Err(Error::Usage(m));
     match Reference::parse(dest) {
         Ok(Reference::Layout { dir, selector }) => match selector {
@@ -762,7 +762,6 @@ fn copy_dest(dest: &str, src: &str) -> Result<(PathBuf, Option<String>)> {
                 usage(format!("{dest}: a destination takes a tag, not a digest"))
             }
         },
-        _ if Reference::parse(src).is_err() => Reference::parse(src).map(|_| unreachable!()),
         _ => usage(format!(
             "{dest}: the destination must be an image layout directory, oci:DIR[:TAG]"
         )),
@@ -770,7 +769,7 @@ fn copy_dest(dest: &str, src: &str) -> Result<(PathBuf, Option<String>)> {
 }
 
 fn copy(a: CopyArgs, env: &Environment) -> Result<()> {
-    let (dir, tag) = copy_dest(&a.dest, &a.source)?;
+    let (dir, tag) = copy_dest(&a.dest)?;
     let reference = Reference::parse(&a.source)?;
     let tag = tag.or_else(|| match &reference {
         Reference::Registry(r) => match (&r.tag, &r.digest) {
