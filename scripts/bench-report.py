@@ -453,9 +453,17 @@ def main():
         during = (f"; 1-minute load at the start of each round: {min(samples):.2f}–"
                   f"{max(samples):.2f}" if samples else "")
         w(f"- Load average (1, 5, 15 min) when measuring began: {meta['load_start']}; at the "
-          f"end: {meta.get('load_end', '?')}{during}")
+          f"end: {meta.get('load_end', '?')}{during} (once measuring has begun, the bench's "
+          f"own processes count in it)")
     if "quiet_note" in meta:
         w(f"- Quiet-machine gate: {meta['quiet_note']}")
+    if meta["load_sample"] and max(meta["load_sample"]) > 2 * cores:
+        w(f"- **Load**: the 1-minute load average rose to {max(meta['load_sample']):.2f} on "
+          f"{cores} cores during the run. The bench's own processes count in it (the serve "
+          f"scenarios run 16 and 64 connections at once), and so would any other work on the "
+          f"machine; medians and interleaving soften noise but do not remove it: a ceiling, "
+          f"measured once per round, can come out slower than a tool measured in a quieter "
+          f"moment (a fraction of ceiling above 100%), and absolute times vary between rounds.")
     if note:
         w(f"- {note}")
     w("")
@@ -600,7 +608,7 @@ def main():
             w(f"- Target output within 5% of qemu-img's size: measured {ratio:.3f}× — "
               f"{'met' if abs(ratio - 1) <= 0.05 else 'missed'}")
         w("")
-    notes(w, meta, parts)
+    notes(w, meta, parts, rows)
     print("\n".join(out))
 
 
@@ -688,19 +696,32 @@ def scaling(w, tools, parts, meta):
         w("")
 
 
-def notes(w, meta, parts):
+def wall_of(rows, sc, name):
+    t = rows.get(sc, {}).get(name)
+    return summary(t)[1] if t else None
+
+
+def notes(w, meta, parts, rows):
     go = meta.get("go_version", "the Go of the run").replace("go version ", "")
     hgo, h = parts.rate("go-sha256"), parts.rate("sha2")
+    c2, g2 = rows.get("2", {}).get("cloudimg"), rows.get("2", {}).get("go-reference")
+    cpu_text = ""
+    if c2 and g2 and summary(c2)[2] is not None and summary(g2)[2] is not None:
+        cpu_text = (f" (scenario 2: {summary(c2)[2] / (summary(c2)[0] / GIB):.3f} CPU s/GiB for "
+                    f"cloudimg against {summary(g2)[2] / (summary(g2)[0] / GIB):.3f} for the Go "
+                    f"reference; on two cores shared with the consumer, CPU is wall time)")
     rates = (f" ({hgo / GIB:.2f} GiB/s per core against {h / GIB:.2f} GiB/s for the `sha2` "
              f"crate, scenario 0)" if hgo and h else "")
+    cat, ceil = wall_of(rows, "1", "cat"), wall_of(rows, "1", "splice-ceiling")
     w("## Notes on the targets that are missed\n")
     w("- **1, CPU ≤ 0.1 s/GiB and ≥ 0.85× the ceiling**: cloudimg's CPU in this scenario is the "
       "kernel's splice work, the same as the bench's own minimal splice loop (compare the CPU "
       "column of `cloudimg` and `splice-ceiling`); both differ by run-to-run noise, and an "
       "`strace -c` of a run shows nothing but splice calls besides start-up (about 29 000 for 4 GiB: "
       "each moves what the 32 KiB reader has freed in the 1 MiB pipe, so the ceiling makes as many). "
-      "Against `cat`, the pipeline is bound by the 32 KiB consumer; the ratio is near 8× "
-      "and moves with the noise.")
+      "Against `cat`, the pipeline is bound by the 32 KiB consumer"
+      + (f": in this run `cat` took {cat / ceil:.2f}× the splice ceiling's time, so no tool "
+         f"could be more than {cat / ceil:.2f}× `cat` here" if cat and ceil else "") + ".")
     w("- **2 and 3, ≥ 3× the Go reference**: the peers are built with a current Go "
       f"({go}), whose `crypto/sha256` uses the CPU's SHA extensions{rates}. The Go "
       "reference then loses only what one goroutine cannot overlap: hashing, copying and the "
@@ -708,15 +729,18 @@ def notes(w, meta, parts):
       "ceiling allows (\"at its ceiling\" under 2 and 3; the scaling table shows the "
       "arithmetic for more cores), and its verified pipe path reads every byte twice (once "
       "to hash, once to copy into the pipe under the lease), which costs CPU the Go "
-      "reference does not spend. Against a Go 1.19 build (no SHA-NI) the ratios published "
-      "before were 5.6× and 3.6×.")
+      "reference does not spend" + cpu_text + ". Against a Go 1.19 build (no SHA-NI) the "
+      "ratios published before were 5.6× and 3.6×.")
     w("- **4, ≥ 20× `cat > file`**: coreutils 9 `cat` and `cp` use copy_file_range themselves, "
       "so on XFS they reflink in milliseconds — they verify nothing. cloudimg reflinks too (its "
       "`--no-verify` row is as fast as `cat`, and the output takes no space of its own); the "
       "verified time is the time to read and hash every byte of the layout, on two cores.")
+    nv8, cat8, cp8 = (wall_of(rows, "8", n) for n in ("cloudimg-no-verify", "cat", "cp-sparse"))
     w("- **8, ≥ 3× `cat > file`**: verified, cloudimg reads and hashes all of the disk (the "
-      "zeros too); on two cores hashing bounds the wall time. Without verification it is "
-      "≥ 3× `cat` and on par with `cp --sparse=always`, which verifies nothing either.")
+      "zeros too); on two cores hashing bounds the wall time"
+      + (f". Without verification, in this run: {cat8 / nv8:.2f}× `cat`, and "
+         f"{cp8 / nv8:.2f}× `cp --sparse=always` (which verifies nothing either)"
+         if nv8 and cat8 and cp8 else "") + ".")
     w("- **9, single client**: the client (`curl -o /dev/null`, one core) bounds every server "
       "here; the verified body of serve goes through a buffer (no sendfile: a local peer "
       "acknowledges page references before it reads them), so it costs a copy that nginx and "

@@ -359,10 +359,10 @@ for ((r = 1; r <= runs; r++)); do
     # cloudimg's stream writer against the two steps it saves.
     want 12 && sparse_bytes=$(stat -c %s "$work/sparse/disk")
     rm -f "$work"/out12*
-    run 12 cloudimg-qcow2 "$sparse_bytes" "\$T $bin get -q --format qcow2 oci:$work/sparse/layout:v1 -o $work/out12.qcow2"
+    run 12 cloudimg-qcow2 "${sparse_bytes:-0}" "\$T $bin get -q --format qcow2 oci:$work/sparse/layout:v1 -o $work/out12.qcow2"
     want 12 && printf '12\tcloudimg-file-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(( $(stat -c %s "$work/out12.qcow2") / 1024 ))" >> "$results"
     rm -f "$work"/out12*
-    run 12 get-raw-then-qemu-img-convert "$sparse_bytes" "\$T bash -c '$bin get -q oci:$work/sparse/layout:v1 -o $work/out12.raw && qemu-img convert -f raw -O qcow2 $work/out12.raw $work/out12-conv.qcow2 && sync $work/out12-conv.qcow2'"
+    run 12 get-raw-then-qemu-img-convert "${sparse_bytes:-0}" "\$T bash -c '$bin get -q oci:$work/sparse/layout:v1 -o $work/out12.raw && qemu-img convert -f raw -O qcow2 $work/out12.raw $work/out12-conv.qcow2 && sync $work/out12-conv.qcow2'"
     want 12 && printf '12\tqemu-img-convert-file-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(( $(stat -c %s "$work/out12-conv.qcow2") / 1024 ))" >> "$results"
     rm -f "$work"/out12*
     # 13: a fully random raw disk as qcow2 through a pipe (what pull sends
