@@ -10,21 +10,62 @@
 #
 #   scripts/bench-copy.sh            # 4 GiB disk (BENCH_GIB), 3 runs (BENCH_RUNS)
 #   scripts/bench-copy.sh --quick    # 512 MiB, 1 run (a smoke test)
+#   scripts/bench-copy.sh --report   # the report again, from the last results
 #
-# Prints a markdown table of medians and ratios; raw rows go to
-# target/bench-copy/results.tsv. Needs docker-registry, skopeo, curl, gcc, time.
+# Raw rows go to target/bench-copy/results.tsv; the report (medians, ratios)
+# to docs/bench/copy.md, which scripts/bench.sh appends to docs/BENCHMARKS.md
+# (--quick: to target/bench-copy/copy.md). Needs docker-registry, skopeo, curl,
+# gcc, time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mib=$(( ${BENCH_GIB:-4} * 1024 )) runs=${BENCH_RUNS:-3}
-if [ "${1:-}" = --quick ]; then mib=512 runs=1; fi
+report=docs/bench/copy.md
+if [ "${1:-}" = --quick ]; then mib=512 runs=1 report=target/bench-copy/copy.md; fi
 part_mib=$(( mib / 4 ))
 work=target/bench-copy
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 results=$work/results.tsv
-: > "$results"
 say() { echo "bench-copy: $*" >&2; }
+
+write_report() {
+python3 - "$results" "$(cat "$work/meta" 2>/dev/null)" <<'PY'
+import statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+meta = dict(kv.split("=", 1) for kv in sys.argv[2].split())
+size, runs = int(meta["bytes"]), meta["runs"]
+by = {}
+for name, wall, user, sys_, rss in rows:
+    by.setdefault(name, []).append((float(wall), float(user) + float(sys_), int(rss)))
+med = lambda name, i: statistics.median(v[i] for v in by[name])
+r_copy = med("copy-skopeo", 0) / med("copy-cloudimg", 0)
+r_cache = med("cache-first", 0) / med("cache-second", 0)
+r_plain = med("registry-plain", 0) / med("cache-second", 0)
+print("## Copy and the cache (`scripts/bench-copy.sh`)\n")
+print(f"A {size / 2**30:.2f} GiB random raw disk in four parts, in a local `docker-registry`; "
+      f"median of {runs} interleaved run(s); load {meta.get('load_start', '?')} at the start, "
+      f"{meta.get('load_end', '?')} at the end. `skopeo` is Debian's ({meta.get('skopeo', '?')}). "
+      "A: registry → a fresh layout. B: registry → pipe with `--cache`, the first run into an empty "
+      "cache and the second from it (`get` into the consumer stands for `pull`), beside the same "
+      "`get` without a cache.\n")
+print("| run | wall s | GiB/s | CPU s (user+sys) | peak RSS MiB |")
+print("|---|---|---|---|---|")
+for name in by:
+    w = med(name, 0)
+    print(f"| {name} | {w:.2f} | {size / 2**30 / w:.2f} | {med(name, 1):.2f} | {med(name, 2) / 1024:.1f} |")
+print()
+print(f"- `copy` against `skopeo copy docker://… oci:…`: **{r_copy:.2f}×** (target ≥ 2×"
+      + (", met" if r_copy >= 2 else ", missed") + f"); peak RSS {med('copy-cloudimg', 2) / 1024:.1f} "
+      f"against {med('copy-skopeo', 2) / 1024:.1f} MiB.")
+print(f"- `--cache`, the second run against the first: **{r_cache:.2f}×** (target ≥ 3×"
+      + (", met" if r_cache >= 3 else ", missed") + f"); against the same `get` without a cache: "
+      f"{r_plain:.2f}×.")
+PY
+}
+
+if [ "${1:-}" = --report ]; then write_report > "$report"; cat "$report"; exit 0; fi
+: > "$results"
 
 for t in docker-registry skopeo curl gcc /usr/bin/time; do
     command -v "$t" >/dev/null || { echo "bench-copy.sh: $t is missing" >&2; exit 1; }
@@ -80,6 +121,7 @@ run() {
     printf '%s\t%s\t%s\n' "$name" "$(echo "$t1 - $t0" | bc)" "$(tail -n 1 "$work/time.out")" >> "$results"
 }
 
+load_start=$(cut -d' ' -f1 /proc/loadavg)
 for ((r = 1; r <= runs; r++)); do
     say "round $r of $runs"
     rm -rf "$work/copy-c" "$work/copy-s"
@@ -96,23 +138,8 @@ for ((r = 1; r <= runs; r++)); do
     run registry-plain "\$T $bin get -q $ref | $consumer"
 done
 
-python3 - "$results" "$bytes" "$runs" <<'PY'
-import statistics, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
-size, runs = int(sys.argv[2]), sys.argv[3]
-by = {}
-for name, wall, user, sys_, rss in rows:
-    by.setdefault(name, []).append((float(wall), float(user) + float(sys_), int(rss)))
-def med(name, i):
-    return statistics.median(v[i] for v in by[name])
-print(f"{size / 2**30:.2f} GiB image, median of {runs} run(s)\n")
-print("| run | wall s | GiB/s | CPU s | peak RSS MiB |")
-print("|---|---|---|---|---|")
-for name in by:
-    w = med(name, 0)
-    print(f"| {name} | {w:.2f} | {size / 2**30 / w:.2f} | {med(name, 1):.2f} | {med(name, 2) / 1024:.1f} |")
-print()
-print(f"copy: skopeo / cloudimg wall = {med('copy-skopeo', 0) / med('copy-cloudimg', 0):.2f}x")
-print(f"--cache: first / second run wall = {med('cache-first', 0) / med('cache-second', 0):.2f}x")
-print(f"--cache first run / plain registry run wall = {med('cache-first', 0) / med('registry-plain', 0):.2f}x")
-PY
+printf 'bytes=%s runs=%s load_start=%s load_end=%s skopeo=%s\n' "$bytes" "$runs" \
+    "$load_start" "$(cut -d' ' -f1 /proc/loadavg)" "$(skopeo --version | awk '{print $3}')" > "$work/meta"
+mkdir -p "$(dirname "$report")"
+write_report > "$report"
+cat "$report"

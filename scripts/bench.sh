@@ -578,4 +578,9 @@ printf 'load_end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >> "$meta"
 say "writing $out_md and its charts"
 mkdir -p "$(dirname "$out_md")"
 python3 scripts/bench-report.py "$results" "$mib" "$runs" "$fs_note" "$meta" "$(dirname "$out_md")/bench" > "$out_md"
+# The copy and cache scenarios are measured by scripts/bench-copy.sh; its last
+# report goes at the end.
+if [ -f docs/bench/copy.md ]; then
+    { echo; cat docs/bench/copy.md; echo; cat docs/bench/copy-notes.md; } >> "$out_md"
+fi
 cat "$out_md" >&2
