@@ -59,20 +59,6 @@ fn tags(dir: &Path) -> Vec<String> {
     t
 }
 
-fn tool(program: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{program} must be installed: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// An image of four parts and a checksum layer that is no disk, as epoch
 /// publishes them.
 fn image_with_sums(seed: u64) -> Image {
@@ -103,6 +89,7 @@ fn a_copy_from_the_registry_is_faithful_and_skopeo_reads_it_back() {
     let raw = tool(
         "skopeo",
         &["inspect", "--raw", &format!("oci:{}:v1", dir.display())],
+        "skopeo",
     );
     assert_eq!(sha256(&raw), digest);
     // And copies it back into a registry, unchanged.
@@ -115,6 +102,7 @@ fn a_copy_from_the_registry_is_faithful_and_skopeo_reads_it_back() {
             &format!("oci:{}:v1", dir.display()),
             &format!("docker://{}/back/img:v1", reg.host()),
         ],
+        "skopeo",
     );
     let back = tool(
         "skopeo",
@@ -124,6 +112,7 @@ fn a_copy_from_the_registry_is_faithful_and_skopeo_reads_it_back() {
             "--tls-verify=false",
             &format!("docker://{}/back/img:v1", reg.host()),
         ],
+        "skopeo",
     );
     assert_eq!(sha256(&back), digest);
     let again = go(&["get", "-q", &format!("{}/back/img:v1", reg.host())]);
@@ -809,4 +798,54 @@ fn a_pipe_reader_sees_its_end_before_the_cache_fetches_the_rest() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(got.expect("no end of file while the cache waited") == expected_disk(&s.image));
+}
+
+#[test]
+fn waits_for_another_writer_end_on_sigterm() {
+    let tmp = TempDir::new().unwrap();
+    let layout = LayoutDir::new(&tmp.path().join("src"));
+    let image = Image::split(&data(200_000, 17), 100_000);
+    layout.put_image(Some("v1"), &image);
+    let dst = tmp.path().join("dst");
+    ok(&go(&[
+        "copy",
+        "-q",
+        &layout.source("v1"),
+        &format!("oci:{}:a", dst.display()),
+    ]));
+    // Another writer holds the layout's lock (the flock of util-linux).
+    let mut holder = Command::new("flock")
+        .arg(dst.join(".cloudimg/lock"))
+        .args(["sleep", "30"])
+        .spawn()
+        .expect("flock (util-linux) must be installed");
+    std::thread::sleep(Duration::from_millis(300));
+    let child = cmd(&[
+        "copy",
+        "-q",
+        &layout.source("v1"),
+        &format!("oci:{}:b", dst.display()),
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tags(&dst), ["a"]);
 }

@@ -14,20 +14,6 @@ use common::*;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-/// Run a real tool; it must be installed (CI installs it).
-fn tool(name: &str, args: &[&str], package: &str) {
-    let out = Command::new(name)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{name} must be installed (Debian: {package}): {e}"));
-    assert!(
-        out.status.success(),
-        "{name} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn skopeo(args: &[&str]) {
     // No policy file is needed to copy between local layouts with this one.
     let mut all = vec!["--insecure-policy"];

@@ -263,3 +263,19 @@ pub fn names(dir: &Path) -> BTreeMap<String, u64> {
         })
         .collect()
 }
+
+/// Run a real tool, which must be installed (CI installs its Debian
+/// `package`) and succeed; its stdout.
+pub fn tool(name: &str, args: &[&str], package: &str) -> Vec<u8> {
+    let out = Command::new(name)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{name} must be installed (Debian: {package}): {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
